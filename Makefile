@@ -1,0 +1,49 @@
+# One-command setup and checks. Every target installs what it needs first.
+#   make setup   create .venv/ with the CPU stack (torch CPU, vLLM CPU build, Ray, ...); idempotent
+#   make test    the whole test suite (what CI runs)
+#   make lint    ruff
+#   make bench   every benchmark under bench/, each printing one JSON line last
+SHELL := /bin/bash
+PY    := .venv/bin/python
+UV    := .tools/bin/uv
+STAMP := .venv/.installed
+# uv does not read pip's config: pass the local torch wheel folder only where the machine has one.
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links "$(PIP_FIND_LINKS)",)
+EXTRAS ?= cpu,dev
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM := false
+export VLLM_ENABLE_V1_MULTIPROCESSING := 0
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test test-fast lint bench clean
+setup: $(STAMP)
+
+$(UV):
+	python3 -m pip install -q --disable-pip-version-check --target .tools uv==0.13.9
+
+$(STAMP): pyproject.toml .ci/excludes.txt | $(UV)
+	$(UV) venv -q --allow-existing --python python3.11 .venv
+	$(UV) pip install -q --python $(PY) --compile-bytecode $(FIND_LINKS) \
+	    --excludes .ci/excludes.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: setup
+	@for b in bench/[a-z]*.py; do m=$${b%.py}; echo "== python -m $${m//\//.}"; $(PY) -m $${m//\//.} || exit 1; done
+
+clean:
+	rm -rf .venv .tools outputs .pytest_cache .ruff_cache
