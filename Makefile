@@ -3,6 +3,9 @@
 #   make test    the whole test suite (what CI runs)
 #   make lint    ruff
 #   make bench   every benchmark under bench/, each printing one JSON line last
+#   make demo    the embedded default: warm-start + FIPO on the built-in task, tiny model, CPU; then evaluate
+#                and plot into outputs/demo/.  `make demo ALGO=dapo` runs the DAPO baseline (outputs/demo_dapo);
+#                DEMO_ARGS passes Hydra overrides, e.g. `make demo DEMO_ARGS="trainer.total_steps=10"`
 SHELL := /bin/bash
 PY    := .venv/bin/python
 UV    := .tools/bin/uv
@@ -19,8 +22,10 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
+ALGO      ?= fipo
+DEMO_ARGS ?=
 
-.PHONY: setup test test-fast lint bench clean
+.PHONY: setup test test-fast lint bench demo clean
 setup: $(STAMP)
 
 $(UV):
@@ -44,6 +49,9 @@ lint: setup
 
 bench: setup
 	@for b in bench/[a-z]*.py; do m=$${b%.py}; echo "== python -m $${m//\//.}"; $(PY) -m $${m//\//.} || exit 1; done
+
+demo: setup
+	$(PY) -m orchestration.demo algorithm=$(ALGO) $(DEMO_ARGS)
 
 clean:
 	rm -rf .venv .tools outputs .pytest_cache .ruff_cache

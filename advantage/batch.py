@@ -93,9 +93,7 @@ class RolloutBatch:
     def split(self, num_chunks: int) -> list[RolloutBatch]:
         """Split into `num_chunks` contiguous equal parts (B must divide evenly)."""
         if num_chunks <= 0 or self.num_samples % num_chunks:
-            raise ValueError(
-                f"cannot split a batch of {self.num_samples} samples into {num_chunks} equal parts"
-            )
+            raise ValueError(f"cannot split a batch of {self.num_samples} samples into {num_chunks} equal parts")
         size = self.num_samples // num_chunks
         return [self.select(slice(i * size, (i + 1) * size)) for i in range(num_chunks)]
 

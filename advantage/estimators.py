@@ -26,9 +26,7 @@ class AdvantageConfig:
 def _group_stats(values: torch.Tensor, group_index: torch.Tensor, valid: torch.Tensor | None):
     """Per-group (count, mean, unbiased std) over valid samples, float64, each [num_groups]."""
     if values.shape != group_index.shape or values.dim() != 1:
-        raise ValueError(
-            f"values {tuple(values.shape)} and group_index {tuple(group_index.shape)} must be [B]"
-        )
+        raise ValueError(f"values {tuple(values.shape)} and group_index {tuple(group_index.shape)} must be [B]")
     group_index = group_index.long()
     x = values.double()
     w = torch.ones_like(x) if valid is None else valid.double()
@@ -36,9 +34,7 @@ def _group_stats(values: torch.Tensor, group_index: torch.Tensor, valid: torch.T
     count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_index, w)
     total = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_index, w * x)
     mean = total / count.clamp(min=1)
-    sq = torch.zeros(num_groups, dtype=torch.float64).index_add_(
-        0, group_index, w * (x - mean[group_index]) ** 2
-    )
+    sq = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_index, w * (x - mean[group_index]) ** 2)
     std = torch.sqrt(sq / (count - 1).clamp(min=1))
     return count, mean, std
 
@@ -84,9 +80,7 @@ def broadcast_to_tokens(advantages: torch.Tensor, response_mask: torch.Tensor) -
     return advantages.float().unsqueeze(-1) * response_mask.float()
 
 
-def overlong_penalty(
-    lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0
-) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
     """DAPO's soft overlong punishment (FIPO_SPEC §2.2 item 5), added to the correctness score.
 
     0 for |y| ≤ max_length − buffer, then −(|y| − (max_length − buffer)) / buffer · factor, reaching
@@ -107,9 +101,7 @@ def overlong_penalty(
     return (-exceed / buffer * factor).float()
 
 
-def filter_groups(
-    correct: torch.Tensor, group_index: torch.Tensor, valid: torch.Tensor | None = None
-) -> torch.Tensor:
+def filter_groups(correct: torch.Tensor, group_index: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """DAPO dynamic sampling: keep the groups whose correctness varies (FIPO_SPEC §2.2 item 4).
 
     The metric is correctness (acc), not the shaped reward: an all-correct group whose rewards differ by

@@ -94,9 +94,7 @@ class FIPOLossConfig:
         PPOLossConfig(self.clip_low, self.clip_high, self.clip_c, self.loss_agg_mode)  # shared checks
         gamma_from_decay_rate(self.decay_rate)  # raises on decay_rate <= 0
         if not 0 <= self.weight_clip < 1:
-            raise ValueError(
-                f"weight_clip must be in [0, 1) (0 = official cap-at-10 mode), got {self.weight_clip}"
-            )
+            raise ValueError(f"weight_clip must be in [0, 1) (0 = official cap-at-10 mode), got {self.weight_clip}")
         if not self.safety_threshold > 0:
             raise ValueError(f"safety_threshold must be > 0, got {self.safety_threshold}")
 
@@ -163,9 +161,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum().clamp(min=1).float()
 
 
-def kl_penalty(
-    log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "low_var_kl"
-) -> torch.Tensor:
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "low_var_kl") -> torch.Tensor:
     """Per-token KL(π_θ || π_ref) estimate [B, T] from sampled-token log-probs.
 
     k1: log π_θ − log π_ref.   k2: ½ (log π_θ − log π_ref)².

@@ -76,9 +76,7 @@ POLICY_LOSSES.register(
     PolicyLoss(
         "grpo",
         ppo_policy_loss,
-        PPOLossConfig(
-            clip_low=0.2, clip_high=0.2, clip_c=None, loss_agg_mode="seq-mean-token-mean", kl_coef=1e-3
-        ),
+        PPOLossConfig(clip_low=0.2, clip_high=0.2, clip_c=None, loss_agg_mode="seq-mean-token-mean", kl_coef=1e-3),
     ),
 )
 

@@ -49,9 +49,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--length", type=int, default=20480)
     parser.add_argument("--decay-rate", type=float, default=32.0)
@@ -69,17 +67,13 @@ def main() -> None:
     ours = time_fn(lambda: discounted_future_sum(values, gamma), args.repeats)
     cumsum = time_fn(lambda: torch.cumsum(values, dim=-1), args.repeats)
     print(f"discounted_future_sum: median {ours['median_s'] * 1e3:.2f} ms  (min {ours['min_s'] * 1e3:.2f})")
-    print(
-        f"torch.cumsum:          median {cumsum['median_s'] * 1e3:.2f} ms  (min {cumsum['min_s'] * 1e3:.2f})"
-    )
+    print(f"torch.cumsum:          median {cumsum['median_s'] * 1e3:.2f} ms  (min {cumsum['min_s'] * 1e3:.2f})")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ours_1t = time_fn(lambda: discounted_future_sum(values, gamma), args.repeats)
     cumsum_1t = time_fn(lambda: torch.cumsum(values, dim=-1), args.repeats)
     torch.set_num_threads(threads)
-    print(
-        f"single thread: ours {ours_1t['median_s'] * 1e3:.2f} ms, cumsum {cumsum_1t['median_s'] * 1e3:.2f} ms"
-    )
+    print(f"single thread: ours {ours_1t['median_s'] * 1e3:.2f} ms, cumsum {cumsum_1t['median_s'] * 1e3:.2f} ms")
 
     print("float64 reference recurrence ...", flush=True)
     reference = float64_recurrence(values, gamma)

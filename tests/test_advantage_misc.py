@@ -34,9 +34,7 @@ def test_grpo_matches_reference_on_random_groups():
         got = grpo_advantages(rewards, groups, norm_by_std=norm)
         want = ref.grpo(rewards.double().tolist(), groups.tolist(), norm_by_std=norm)
         assert got.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert torch.equal(
-        drgrpo_advantages(rewards, groups), grpo_advantages(rewards, groups, norm_by_std=False)
-    )
+    assert torch.equal(drgrpo_advantages(rewards, groups), grpo_advantages(rewards, groups, norm_by_std=False))
 
 
 def test_grpo_singleton_and_constant_groups_and_invalid_samples():

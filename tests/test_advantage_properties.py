@@ -106,12 +106,7 @@ def test_fipo_loss_matches_float64_reference(seed, scale, tau, eps_f, high_only,
     rows = [x.tolist() for x in (logp.double(), old.double(), adv.double(), mask)]
     want = ref.fipo_loss(*rows, drop_seq=drop, **kw)
     assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
-    weights = [
-        w
-        for lp, lo, a, m in zip(*rows)
-        for w, mm in zip(ref.fipo_token_losses(lp, lo, a, m, **kw)[1], m)
-        if mm
-    ]
+    weights = [w for lp, lo, a, m in zip(*rows) for w, mm in zip(ref.fipo_token_losses(lp, lo, a, m, **kw)[1], m) if mm]
     assert metrics["influence_weights_mean"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-5)
     assert metrics["influence_weights_min"].item() == pytest.approx(min(weights), rel=1e-5)
 
@@ -139,9 +134,7 @@ def test_fipo_gradient_is_dapo_gradient_scaled_by_weight(seed, tau, high_only):
     loss.backward()
     assert loss.grad_fn is not None
     delta = (logp - old).clamp(-20, 20)
-    weights = influence_weights(
-        discounted_future_sum(delta, cfg.gamma, mask & (delta <= math.log(10.0))), cfg
-    )
+    weights = influence_weights(discounted_future_sum(delta, cfg.gamma, mask & (delta <= math.log(10.0))), cfg)
     weights = torch.where((adv < 0) & (delta.exp() > cfg.safety_threshold), weights.clamp(0.8, 1.0), weights)
     b = logp.clone().requires_grad_(True)
     dapo, _ = ppo_policy_loss(b, old, adv * weights, mask, PPOLossConfig())

@@ -50,9 +50,7 @@ def per_token(delta, adv, **kw):
         ratio = torch.exp(logp)
         if adv < 0:
             f = torch.where(ratio > cfg.safety_threshold, f.clamp(0.8, 1.0), f)
-        loss, _ = ppo_policy_loss(
-            logp, torch.zeros_like(logp), adv * f, torch.tensor([mask]), PPOLossConfig()
-        )
+        loss, _ = ppo_policy_loss(logp, torch.zeros_like(logp), adv * f, torch.tensor([mask]), PPOLossConfig())
         out.append(loss.item())
     return out
 

@@ -1,0 +1,318 @@
+"""Builders: the validated config (TrainConf) → the objects of a run. The only place config meets components.
+
+Each component gets typed, plain arguments (frozen configs of its own), never the config tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from advantage import POLICY_LOSSES, SAMPLE_FILTERS
+from advantage.stage import AdvantageStageConfig, AdvantageWorker
+from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
+from learner.group import LearnerGroup
+from orchestration import stacks
+from orchestration.checkpoint import CheckpointManager
+from orchestration.config import TrainConf
+from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
+from orchestration.sampling import OverlongShaping
+from orchestration.sizes import DerivedSizes, derive_sizes
+from orchestration.tasks import make_rows, write_jsonl
+from reward.group import RewardService
+from rollout.group import RolloutGroup
+from rollout.types import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray worker of a run needs (offline hub, in-process vLLM engine core, small KV cache).
+WORKER_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "TOKENIZERS_PARALLELISM",
+    "WANDB_MODE",
+)
+
+
+def sizes_from_config(cfg: TrainConf) -> DerivedSizes:
+    a = cfg.algorithm
+    return derive_sizes(
+        policy_loss=a.policy_loss,
+        group_size=a.group_size,
+        train_batch_prompts=a.train_batch_prompts,
+        gen_batch_prompts=a.gen_batch_prompts,
+        mini_batch_prompts=a.mini_batch_prompts,
+        learner_world_size=cfg.learner.world_size,
+        micro_batch_tokens=cfg.learner.micro_batch_tokens,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.rollout.max_response_tokens,
+        rollout_workers=cfg.rollout.num_workers,
+    )
+
+
+def policy_loss_config(cfg: TrainConf) -> Any:
+    """The registered loss's own config, with every field the algorithm section sets."""
+    loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
+    names = {f.name for f in dataclasses.fields(loss.default_config)}
+    values = {name: getattr(cfg.algorithm, name) for name in names if hasattr(cfg.algorithm, name)}
+    return loss.make_config(**values)
+
+
+def learner_config(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> LearnerConfig:
+    ln = cfg.learner
+    total_optimizer_steps = cfg.trainer.total_steps * sizes.mini_batches_per_step
+    return LearnerConfig(
+        model_dir=model_dir,
+        mini_batch_samples=sizes.mini_batch_samples,
+        micro_batch_tokens=ln.micro_batch_tokens,
+        policy_loss=cfg.algorithm.policy_loss,
+        policy_loss_config=policy_loss_config(cfg),
+        optimizer=OptimizerConfig(
+            lr=ln.lr,
+            betas=tuple(ln.betas),
+            weight_decay=ln.weight_decay,
+            grad_clip=ln.grad_clip if ln.grad_clip > 0 else None,
+        ),
+        lr_schedule=LRScheduleConfig(
+            warmup_steps=ln.warmup_steps,
+            kind=ln.lr_schedule,
+            total_steps=total_optimizer_steps if ln.lr_schedule == "cosine" else None,
+            min_lr_ratio=ln.min_lr_ratio,
+        ),
+        param_dtype=ln.param_dtype,
+        seed=cfg.seed,
+        collective_timeout_s=min(ln.timeout_s, 600.0),
+    )
+
+
+def prepare_model(cfg: TrainConf) -> str:
+    """The policy's HF directory: the configured path, or the tiny model built (once) from the config; then,
+    when model.warm_start_steps > 0, the supervised warm-start of it (trained once, cached by a hash)."""
+    m = cfg.model
+    if m.path:
+        path = m.path
+    else:
+        from rollout.tiny import build_tiny_model
+
+        path = build_tiny_model(
+            m.tiny_dir,
+            hidden_size=m.tiny_hidden_size,
+            num_hidden_layers=m.tiny_layers,
+            num_attention_heads=m.tiny_heads,
+            num_key_value_heads=m.tiny_kv_heads,
+            intermediate_size=m.tiny_intermediate_size,
+            max_position_embeddings=max(2048, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens),
+            seed=cfg.seed,
+        )
+    if m.warm_start_steps > 0:
+        from orchestration.warm_start import WarmStartConfig, warm_start
+
+        examples = warm_start_examples(cfg)
+        recipe = WarmStartConfig(
+            steps=m.warm_start_steps,
+            lr=m.warm_start_lr,
+            batch_rows=m.warm_start_batch_prompts,
+            warmup_steps=m.warm_start_warmup_steps,
+            seed=cfg.seed,
+        )
+        path = warm_start(path, examples, recipe, m.warm_start_dir)
+    return str(path)
+
+
+def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
+    """The built-in task's (train, val) rows in the verl schema, as data.synthetic_* and the seed define them."""
+    d = cfg.data
+    return make_rows(
+        d.synthetic_train_prompts,
+        d.synthetic_val_prompts,
+        seed=cfg.seed,
+        min_terms=d.synthetic_min_terms,
+        max_terms=d.synthetic_max_terms,
+        max_value=d.synthetic_max_value,
+    )
+
+
+def warm_start_examples(cfg: TrainConf) -> list[tuple[list[dict], str]]:
+    """(prompt messages, worked solution) of every training row; a row without `extra_info.solution` is an
+    error (the warm-start needs one for every row)."""
+    if cfg.data.train_files:
+        rows = [(list(r.messages), r.extra.get("solution"), r.source) for r in load_datasets(cfg.data.train_files)]
+    else:
+        rows = [(r["prompt"], r["extra_info"]["solution"], "synthetic") for r in synthetic_rows(cfg)[0]]
+    missing = [source for _, solution, source in rows if not isinstance(solution, str)]
+    if missing:
+        raise ValueError(
+            f"model.warm_start_steps > 0 needs extra_info.solution in every training row; {len(missing)} rows lack "
+            f"it (first: {missing[0]}). Set model.warm_start_steps=0 for this dataset."
+        )
+    return [(messages, solution) for messages, solution, _ in rows]
+
+
+def load_prompt_rows(cfg: TrainConf, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow], dict[str, int]]:
+    """Train and validation rows (files, or the synthetic task written under output_dir), long prompts dropped."""
+    d = cfg.data
+    if d.train_files:
+        train, val = load_datasets(d.train_files), (load_datasets(d.val_files) if d.val_files else [])
+    else:
+        train_rows, val_rows = synthetic_rows(cfg)
+        data_dir = Path(cfg.trainer.output_dir) / "data"
+        train = load_rows(write_jsonl(train_rows, data_dir / "synthetic_train.jsonl"))
+        val = load_rows(write_jsonl(val_rows, data_dir / "synthetic_val.jsonl"))
+
+    def count(row: PromptRow) -> int:
+        return len(tokenizer.apply_chat_template(list(row.messages), add_generation_prompt=True, tokenize=True))
+
+    train, dropped_train = drop_long_prompts(train, count, d.max_prompt_tokens)
+    dropped_val = 0
+    if val:
+        val, dropped_val = drop_long_prompts(val, count, d.max_prompt_tokens)
+    return train, val, {"data/dropped_long_train_prompts": dropped_train, "data/dropped_long_val_prompts": dropped_val}
+
+
+def ray_runtime_env(stack_dir: str | Path) -> dict:
+    """The job's runtime env: the worker environment, and the stack-dump hook (orchestration/stacks.py)."""
+    env = {key: os.environ[key] for key in WORKER_ENV if key in os.environ}
+    env[stacks.STACK_DIR_ENV] = str(Path(stack_dir).resolve())
+    return {"env_vars": env, "worker_process_setup_hook": "orchestration.stacks.install"}
+
+
+def init_ray(cfg: TrainConf) -> None:
+    if ray.is_initialized():
+        return
+    runtime_env = ray_runtime_env(stack_dir(cfg))
+    if cfg.cluster.address is None:
+        ray.init(
+            address="local",
+            num_cpus=cfg.cluster.num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cfg.cluster.address, runtime_env=runtime_env)
+
+
+def stack_dir(cfg: TrainConf) -> str:
+    return str(Path(cfg.trainer.output_dir) / "stacks")
+
+
+@dataclass
+class Run:
+    """Everything a training run holds. `shutdown()` releases the actors."""
+
+    cfg: TrainConf
+    sizes: DerivedSizes
+    model_dir: str
+    train_rows: list[PromptRow]
+    val_rows: list[PromptRow]
+    data_metrics: dict[str, int]
+    sampler: PromptSampler
+    rollout: RolloutGroup
+    reward: RewardService
+    learner: LearnerGroup
+    advantage: Any  # the AdvantageActor handle
+    sample_filter: Any
+    shaping: OverlongShaping | None
+    ckpt: CheckpointManager
+    uses_reference: bool
+
+    def sampling(self, seed: int, *, evaluation: bool = False) -> SamplingConfig:
+        r, t = self.cfg.rollout, self.cfg.trainer
+        return SamplingConfig(
+            temperature=t.eval_temperature if evaluation else r.temperature,
+            top_p=t.eval_top_p if evaluation else r.top_p,
+            top_k=0 if evaluation else r.top_k,
+            max_tokens=r.max_response_tokens,
+            n=t.eval_samples if evaluation else self.cfg.algorithm.group_size,
+            seed=seed,
+        )
+
+    def shutdown(self) -> None:
+        for part in (self.rollout, self.reward, self.learner):
+            try:
+                part.shutdown()
+            except Exception as err:  # shutting down after a failure must not hide the failure
+                log.warning("shutdown of %s failed: %s", type(part).__name__, err)
+
+
+def build_run(cfg: TrainConf) -> Run:
+    """Check sizes, prepare model and data, start Ray and the actor groups."""
+    sizes = sizes_from_config(cfg)
+    model_dir = prepare_model(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_rows, val_rows, data_metrics = load_prompt_rows(cfg, tokenizer)
+    init_ray(cfg)
+    r = cfg.rollout
+    engine_kwargs: dict[str, Any] = {
+        "dtype": r.dtype,
+        "max_model_len": cfg.data.max_prompt_tokens + r.max_response_tokens,
+        "seed": cfg.seed,
+    }
+    if r.engine != "hf":
+        engine_kwargs["tensor_parallel_size"] = r.tensor_parallel_size
+        if r.num_gpus_per_worker > 0:
+            engine_kwargs["engine_kwargs"] = {"gpu_memory_utilization": r.gpu_memory_utilization}
+    elif r.dtype == "auto":
+        engine_kwargs["dtype"] = "float32"
+    parts: list[Any] = []
+    try:
+        rollout = RolloutGroup(
+            model_dir,
+            r.num_workers,
+            engine=r.engine,
+            engine_kwargs=engine_kwargs,
+            num_cpus_per_worker=r.num_cpus_per_worker,
+            num_gpus_per_worker=r.num_gpus_per_worker,
+            timeout_s=r.timeout_s,
+        )
+        parts.append(rollout)
+        reward = RewardService(
+            cfg.reward.num_workers, cfg.reward.fn, timeout_s=cfg.reward.timeout_s, num_cpus_per_worker=0.25
+        )
+        parts.append(reward)
+        lcfg = learner_config(cfg, sizes, model_dir)
+        learner = LearnerGroup(
+            lcfg,
+            cfg.learner.world_size,
+            num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
+            num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
+            call_timeout_s=cfg.learner.timeout_s,
+        )
+        parts.append(learner)
+    except BaseException:
+        for part in parts:
+            part.shutdown()
+        raise
+    advantage = ray.remote(num_cpus=0.25)(AdvantageWorker).remote(
+        cfg.algorithm.advantage_estimator, AdvantageStageConfig(norm_by_std=True)
+    )
+    a = cfg.algorithm
+    return Run(
+        cfg=cfg,
+        sizes=sizes,
+        model_dir=model_dir,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        data_metrics=data_metrics,
+        sampler=PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle),
+        rollout=rollout,
+        reward=reward,
+        learner=learner,
+        advantage=advantage,
+        sample_filter=SAMPLE_FILTERS.get("correctness_varies") if a.filter_groups else None,
+        shaping=OverlongShaping(r.max_response_tokens, a.overlong_buffer_tokens, a.overlong_penalty_factor)
+        if a.overlong_buffer_tokens > 0
+        else None,
+        ckpt=CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_checkpoints),
+        uses_reference=lcfg.uses_reference,
+    )

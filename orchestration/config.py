@@ -1,0 +1,352 @@
+"""The trainer's configuration schema: Hydra structured configs, one docstring per key with its unit.
+
+Naming: `*Conf` classes are Hydra nodes (what a user sets on the command line, e.g. `algorithm.group_size=8`);
+builders in orchestration/builders.py turn them into the components' own frozen configs. Defaults here are
+the official FIPO 32B recipe (FIPO_SPEC §5.1) where one exists; `conf/` YAML files only override values, and
+struct mode rejects unknown keys (a typo is an error, never a silently ignored `+key=`).
+Validation of single values happens in `__post_init__`, which runs when `to_object` turns the composed
+config into these dataclasses; checks across sections live in `validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from orchestration.sizes import ConfigError
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class AlgorithmConf:
+    """FIPO / DAPO / GRPO: the loss, the advantage estimator, batch sizes and dynamic sampling."""
+
+    name: str = "fipo"
+    """A label for logs and run names."""
+    policy_loss: str = "fipo"
+    """Registry name in advantage.POLICY_LOSSES: fipo | dapo | grpo."""
+    advantage_estimator: str = "grpo"
+    """Registry name in advantage.ADVANTAGE_ESTIMATORS: grpo (std-normalised) | drgrpo (mean only)."""
+    group_size: int = 16
+    """Responses sampled per prompt (G; `rollout.n` in verl)."""
+    train_batch_prompts: int = 512
+    """Prompts (groups) per training step, after dynamic sampling."""
+    gen_batch_prompts: int = 2048
+    """Prompts per generation round (dynamic sampling generates rounds until train_batch_prompts are kept)."""
+    mini_batch_prompts: int = 64
+    """Prompts per optimizer step (`ppo_mini_batch_size`); train_batch_prompts / this = optimizer steps per
+    training step. FIPO needs at least 2 (on the first, π_θ = π_old and FIPO equals DAPO)."""
+    filter_groups: bool = True
+    """DAPO dynamic sampling: keep only groups whose correctness varies (not all right, not all wrong)."""
+    max_gen_rounds: int = 10
+    """Most generation rounds per step when filter_groups is on; running out is an error, not a silent skip."""
+    overlong_buffer_tokens: int = 4096
+    """Length of DAPO's soft overlong penalty ramp, tokens (penalty starts at max_response_tokens − this);
+    0 disables overlong shaping."""
+    overlong_penalty_factor: float = 1.0
+    """Penalty at max_response_tokens (reward units)."""
+    clip_low: float = 0.2
+    """PPO ε_low: the ratio is clipped below at 1 − clip_low."""
+    clip_high: float = 0.28
+    """PPO ε_high (DAPO clip-higher): the ratio is clipped above at 1 + clip_high."""
+    clip_c: float | None = 10.0
+    """Dual-clip bound c (also FIPO's participation filter: tokens with ratio > c leave the future-KL).
+    null disables dual-clip (GRPO; not allowed for FIPO)."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    kl_coef: float = 0.0
+    """β of the KL-to-reference loss term (GRPO: 0.001); 0 = no reference model."""
+    kl_estimator: str = "low_var_kl"
+    """k1 | k2 | k3 | low_var_kl (= k3)."""
+    decay_rate: float = 32.0
+    """FIPO τ: half-life of the future-KL discount, tokens (γ = 2^(−1/τ))."""
+    weight_clip: float = 0.2
+    """FIPO ε_f: influence weights are clipped to [1 − ε_f, 1 + ε_f] (or [1, 1 + ε_f]); 0 = cap at 10."""
+    weight_clip_high_only: bool = True
+    """FIPO: clip weights to [1, 1 + ε_f] (32B recipe) instead of [1 − ε_f, 1 + ε_f] (7B recipe)."""
+    safety_threshold: float = 10.0
+    """FIPO: tokens with negative advantage and ratio above this get their weight clamped to [0.8, 1.0]."""
+    drop_seq_on_dual_clip: bool = True
+    """FIPO (official code): drop a sequence with ≥ 2 dual-clipped negative-advantage tokens from the loss."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_gen_rounds >= 1, "algorithm.max_gen_rounds", f"must be >= 1, got {self.max_gen_rounds}")
+        _check(self.overlong_buffer_tokens >= 0, "algorithm.overlong_buffer_tokens", "must be >= 0")
+        _check(
+            not (self.policy_loss == "fipo" and self.clip_c is None),
+            "algorithm.clip_c",
+            "FIPO needs the dual-clip bound c (it is also the participation filter)",
+        )
+
+
+@dataclass
+class ModelConf:
+    """The policy model: a Hugging Face directory (or hub id on a connected cluster), or a built tiny model."""
+
+    path: str | None = None
+    """Hugging Face model directory or hub id. null builds the tiny model below (CPU development)."""
+    tiny_hidden_size: int = 64
+    """Tiny model (path: null): hidden size."""
+    tiny_layers: int = 2
+    """Tiny model: decoder layers."""
+    tiny_heads: int = 2
+    """Tiny model: attention heads (head_dim = hidden / heads must be one vLLM CPU supports, e.g. 16, 32)."""
+    tiny_kv_heads: int = 1
+    """Tiny model: key/value heads (GQA)."""
+    tiny_intermediate_size: int = 128
+    """Tiny model: MLP width."""
+    tiny_dir: str = "outputs/models/tiny"
+    """Where the tiny model is built (reused when it already holds the same model)."""
+    warm_start_steps: int = 0
+    """Supervised warm-start (orchestration/warm_start.py) before RL: SFT optimizer steps on the training
+    rows' worked solutions (`extra_info.solution`); 0 = off. Cached in warm_start_dir."""
+    warm_start_lr: float = 3e-3
+    """Warm-start: peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warm_start_batch_prompts: int = 32
+    """Warm-start: (prompt, solution) pairs per optimizer step."""
+    warm_start_warmup_steps: int = 20
+    """Warm-start: linear lr warm-up, optimizer steps."""
+    warm_start_dir: str = "outputs/models/warm_start"
+    """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
+
+    def __post_init__(self) -> None:
+        _check(self.warm_start_steps >= 0, "model.warm_start_steps", f"must be >= 0, got {self.warm_start_steps}")
+        _check(self.warm_start_lr > 0, "model.warm_start_lr", f"must be > 0, got {self.warm_start_lr}")
+        _check(self.warm_start_batch_prompts >= 1, "model.warm_start_batch_prompts", "must be >= 1")
+        _check(self.warm_start_warmup_steps >= 0, "model.warm_start_warmup_steps", "must be >= 0")
+
+
+@dataclass
+class DataConf:
+    """Prompt datasets in verl's DAPO-Math schema, or the built-in synthetic task."""
+
+    train_files: list[str] = field(default_factory=list)
+    """Training .jsonl/.parquet files; empty = the built-in synthetic addition task."""
+    val_files: list[str] = field(default_factory=list)
+    """Evaluation files; empty with an empty train_files = the synthetic task's held-out split."""
+    max_prompt_tokens: int = 2048
+    """Prompts longer than this (chat template applied) are dropped at start-up, with a logged count."""
+    shuffle: bool = True
+    """Shuffle the training prompts every epoch (seeded; the position is part of the checkpoint)."""
+    synthetic_train_prompts: int = 2000
+    """Synthetic task: training problems."""
+    synthetic_val_prompts: int = 200
+    """Synthetic task: held-out problems."""
+    synthetic_min_terms: int = 2
+    """Synthetic task: at least this many numbers to add (at least 2)."""
+    synthetic_max_terms: int = 4
+    """Synthetic task: at most this many numbers to add (at least synthetic_min_terms)."""
+    synthetic_max_value: int = 50
+    """Synthetic task: numbers are drawn from 1..this."""
+
+    def __post_init__(self) -> None:
+        _check(
+            2 <= self.synthetic_min_terms <= self.synthetic_max_terms,
+            "data.synthetic_min_terms/synthetic_max_terms",
+            f"need 2 <= min <= max, got {self.synthetic_min_terms}, {self.synthetic_max_terms}",
+        )
+
+
+@dataclass
+class RolloutConf:
+    """Generation: vLLM engines in Ray actors."""
+
+    engine: str = "vllm"
+    """vllm | hf (transformers reference engine) | auto."""
+    num_workers: int = 1
+    """R: rollout workers (engines)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (1 on CPU)."""
+    max_response_tokens: int = 20480
+    """Most response tokens per sample; reaching it is finish reason `length`."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts."""
+    top_p: float = 1.0
+    """Nucleus mass for training rollouts (1 = off)."""
+    top_k: int = 0
+    """Top-k for training rollouts (0 = off)."""
+    dtype: str = "auto"
+    """Engine dtype: auto (the checkpoint's) | float32 | bfloat16."""
+    gpu_memory_utilization: float = 0.85
+    """GPU only: fraction of GPU memory vLLM may use."""
+    num_cpus_per_worker: float = 1.0
+    """Ray logical CPUs per rollout actor."""
+    num_gpus_per_worker: float = 0.0
+    """Ray GPUs per rollout actor (= tensor_parallel_size on a GPU cluster)."""
+    timeout_s: float = 1800.0
+    """Deadline of one generate / weight-update call, seconds; past it the run fails naming the stage."""
+
+
+@dataclass
+class RewardConf:
+    """Outcome reward: an isolated, timed-out verifier pool."""
+
+    fn: str = "reward.math:score_math"
+    """Reward function as "module:function" (response, ground_truth, extra) -> RewardResult | float | bool."""
+    num_workers: int = 2
+    """Reward workers (each owns an isolated child process)."""
+    timeout_s: float = 10.0
+    """Per-sample time limit, seconds; a sample over it gets status `timeout` and leaves the loss."""
+
+
+@dataclass
+class LearnerConf:
+    """The FSDP2 learner group: optimizer, schedule, micro-batching, placement."""
+
+    world_size: int = 2
+    """Learner ranks (processes / GPUs) sharing one FSDP2 model."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (β1, β2)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    warmup_steps: int = 10
+    """Linear lr warm-up, optimizer steps."""
+    lr_schedule: str = "constant"
+    """constant | cosine (over all optimizer steps of the run)."""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of the peak."""
+    micro_batch_tokens: int = 22528
+    """Token budget per micro-batch and rank (rows × padded length)."""
+    param_dtype: str = "float32"
+    """float32 (CPU) | bfloat16 (GPU, fp32 master weights and reductions)."""
+    num_cpus_per_rank: float = 1.0
+    """Ray logical CPUs per learner rank."""
+    num_gpus_per_rank: float = 0.0
+    """Ray GPUs per learner rank (1 on a GPU cluster)."""
+    weight_bucket_mb: float = 256.0
+    """Weight broadcast bucket size, MiB."""
+    timeout_s: float = 1800.0
+    """Deadline of one learner call (log-probs, update, checkpoint), seconds."""
+
+
+@dataclass
+class TrainerConf:
+    """The run: length, outputs, checkpoints, evaluation, resume."""
+
+    total_steps: int = 600
+    """Training steps (one step = one generation batch and one weight push)."""
+    output_dir: str = "outputs/run"
+    """Where metrics.jsonl, checkpoints/ and the wandb run go."""
+    save_every: int = 50
+    """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
+    eval_every: int = 5
+    """Evaluate on data.val_files every this many steps; 0 = never."""
+    eval_before_train: bool = True
+    """Evaluate once before the first step."""
+    eval_samples: int = 32
+    """k: samples per evaluation problem (avg@k, cons@k, pass@k)."""
+    eval_temperature: float = 1.0
+    """Evaluation sampling temperature (the paper's AIME protocol: 1.0)."""
+    eval_top_p: float = 0.7
+    """Evaluation nucleus mass (the paper's AIME protocol: 0.7)."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in output_dir if there is one | none: start fresh."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk (older ones are deleted); 0 keeps all."""
+
+
+@dataclass
+class LoggerConf:
+    """Metrics: metrics.jsonl always, wandb optionally, a progress line on the console."""
+
+    wandb_mode: str = "offline"
+    """online | offline (no network; `wandb sync` later) | disabled."""
+    project: str = "fipo-trainer"
+    """wandb project."""
+    run_name: str | None = None
+    """wandb run name; null = "<algorithm>-<output_dir name>"."""
+
+
+@dataclass
+class ClusterConf:
+    """Where Ray runs."""
+
+    name: str = "local_cpu"
+    """A label: local_cpu | gpu."""
+    address: str | None = None
+    """Ray address: null starts a local Ray; "auto" joins the cluster a `ray job submit` job runs in."""
+    num_cpus: int | None = 8
+    """Local Ray only: logical CPUs to declare (more than the cores, so fractional actors fit on 2 cores)."""
+
+
+@dataclass
+class TrainConf:
+    """The whole run. See conf/config.yaml for the default groups."""
+
+    seed: int = 0
+    """Seed of everything (data order, sampling, init of the tiny model, learner RNG)."""
+    algorithm: AlgorithmConf = field(default_factory=AlgorithmConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    rollout: RolloutConf = field(default_factory=RolloutConf)
+    reward: RewardConf = field(default_factory=RewardConf)
+    learner: LearnerConf = field(default_factory=LearnerConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+
+
+def validate(cfg: TrainConf) -> None:
+    """Checks that involve several keys (sizes are checked by orchestration.sizes.derive_sizes)."""
+    _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {cfg.trainer.total_steps}")
+    _check(
+        cfg.trainer.resume in ("auto", "none"), "trainer.resume", f"must be auto or none, got {cfg.trainer.resume!r}"
+    )
+    _check(cfg.trainer.save_every >= 0 and cfg.trainer.eval_every >= 0, "trainer.save_every/eval_every", "must be >= 0")
+    _check(cfg.logger.wandb_mode in ("online", "offline", "disabled"), "logger.wandb_mode", "online|offline|disabled")
+    _check(cfg.rollout.engine in ("vllm", "hf", "auto"), "rollout.engine", f"vllm|hf|auto, got {cfg.rollout.engine!r}")
+    _check(
+        cfg.algorithm.overlong_buffer_tokens <= cfg.rollout.max_response_tokens,
+        "algorithm.overlong_buffer_tokens",
+        f"{cfg.algorithm.overlong_buffer_tokens} exceeds rollout.max_response_tokens={cfg.rollout.max_response_tokens}",
+    )
+    if cfg.cluster.address is None and cfg.learner.num_gpus_per_rank + cfg.rollout.num_gpus_per_worker > 0:
+        import torch
+
+        needed = cfg.learner.world_size * cfg.learner.num_gpus_per_rank
+        needed += cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker
+        have = torch.cuda.device_count()
+        _check(
+            needed <= have,
+            "learner.num_gpus_per_rank / rollout.num_gpus_per_worker",
+            f"the placement needs {needed:g} GPUs (learner.world_size × learner.num_gpus_per_rank + "
+            f"rollout.num_workers × rollout.num_gpus_per_worker) but this machine has {have}",
+        )
+    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:
+        needed = cfg.learner.world_size * cfg.learner.num_cpus_per_rank
+        needed += cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + 1  # + the reward/advantage actors
+        _check(
+            needed <= cfg.cluster.num_cpus,
+            "cluster.num_cpus",
+            f"{cfg.cluster.num_cpus} logical CPUs cannot place learner.world_size × learner.num_cpus_per_rank + "
+            f"rollout.num_workers × rollout.num_cpus_per_worker + 1 = {needed:g}",
+        )
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (conf/config.yaml lists `base_config` first)."""
+    ConfigStore.instance().store(name="base_config", node=TrainConf)
+
+
+def to_object(cfg: Any) -> TrainConf:
+    """A composed DictConfig → TrainConf dataclasses (runs every __post_init__), then cross-key checks."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, TrainConf), type(obj)
+    validate(obj)
+    return obj
+
+
+__all__ = ["MISSING", "TrainConf", "register_configs", "to_object", "validate"]

@@ -1,0 +1,139 @@
+"""Per-step metrics: what the rollout produced, and where they go (metrics.jsonl, wandb, the console).
+
+Keys carry a prefix by stage: rollout/, reward/, dynamic_filter/, advantage/, mismatch/, learner/, perf/,
+timing_s/. The same flat dict goes to metrics.jsonl (one object per step, with `step`) and to wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advantage import REWARD_ERROR, REWARD_OK, REWARD_TIMEOUT, RolloutBatch
+
+# Headline names in metrics.jsonl (plain keys for scripts and plots) → the namespaced metric they copy.
+HEADLINE = {
+    "loss": "learner/loss",
+    "reward_mean": "reward/mean",
+    "accuracy": "reward/accuracy",
+    "response_length_mean": "rollout/response_length_mean",
+}
+
+
+def rollout_metrics(batch: RolloutBatch, max_response_tokens: int) -> dict[str, float]:
+    """Reward, accuracy, response lengths and reward statuses of a step's training batch."""
+    lengths = batch.response_lengths.float()
+    status = batch.reward_status
+    ok = status == REWARD_OK
+    out = {
+        "reward/mean": batch.rewards[ok].mean().item() if bool(ok.any()) else 0.0,
+        "reward/accuracy": batch.correct[ok].float().mean().item() if bool(ok.any()) else 0.0,
+        "reward/status_ok": float(ok.sum()),
+        "reward/status_timeout": float((status == REWARD_TIMEOUT).sum()),
+        "reward/status_error": float((status == REWARD_ERROR).sum()),
+        "rollout/response_length_mean": lengths.mean().item(),
+        "rollout/response_length_median": lengths.median().item(),
+        "rollout/response_length_p90": torch.quantile(lengths, 0.9).item(),
+        "rollout/response_length_max": lengths.max().item(),
+        "rollout/overlong_frac": (batch.response_lengths >= max_response_tokens).float().mean().item(),
+        "rollout/samples": float(batch.num_samples),
+        "rollout/tokens": float(batch.response_lengths.sum()),
+        "rollout/policy_version": float(batch.policy_version),
+    }
+    return out
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Tensors and numbers → plain floats (one host sync per step, here)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        out[key] = float(value)
+    return out
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to `metrics.jsonl`, logs to wandb, prints a progress line."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        total_steps: int,
+        wandb_mode: str = "offline",
+        project: str = "fipo-trainer",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        config: dict | None = None,
+    ) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.started = time.monotonic()
+        self.wandb_run = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=project,
+                name=run_name,
+                id=run_id,
+                resume="allow" if run_id else None,
+                dir=str(Path(output_dir)),
+                mode=wandb_mode,
+                config=config or {},
+            )
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines for steps >= `step` (a resumed run rewrites what followed its checkpoint)."""
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", -1) < step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        headline = {name: metrics[key] for name, key in HEADLINE.items() if key in metrics}
+        record = {"step": step, **headline}
+        record.update({k: (None if not math.isfinite(v) else v) for k, v in metrics.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=step)
+        self._progress(step, metrics)
+
+    def _progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        done = step + 1
+        elapsed = time.monotonic() - self.started
+        width = 20
+        filled = int(width * done / max(self.total_steps, 1))
+        parts = [f"[{'#' * filled}{'.' * (width - filled)}] step {done}/{self.total_steps}"]
+        for key, label in (
+            ("reward/mean", "reward"),
+            ("reward/accuracy", "acc"),
+            ("learner/loss", "loss"),
+            ("rollout/response_length_mean", "len"),
+            ("learner/influence_weights_mean", "w"),
+            ("eval/avg_at_k", "eval"),
+        ):
+            if key in metrics:
+                parts.append(f"{label} {metrics[key]:.3f}")
+        parts.append(f"{elapsed:.0f}s")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -1,0 +1,110 @@
+"""The training loop: `python -m orchestration.train [hydra overrides]`.
+
+With no overrides: FIPO on the built-in synthetic task with the tiny model on the local CPU. Each step:
+rollout with dynamic sampling → rewards → old log-probs → advantages → learner update (FIPO's future-KL
+weights inside the loss of each micro-batch) → weight push (policy version + 1) → metrics → checkpoint/eval.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from orchestration.builders import build_run, stack_dir
+from orchestration.checkpoint import TrainerState
+from orchestration.config import TrainConf, register_configs, to_object
+from orchestration.metrics import MetricsLogger, rollout_metrics, to_floats
+from orchestration.steps import collect_batch, compute_advantages, evaluate, learner_metrics, stage
+from orchestration.weight_sync import push_weights
+
+
+def train(cfg: TrainConf) -> dict[str, float]:
+    """Run (or resume) training; returns the last step's metrics."""
+    run = build_run(cfg)
+    t, stacks = cfg.trainer, stack_dir(cfg)
+    print(run.sizes.describe(), flush=True)
+    logger = None
+    try:
+        latest = run.ckpt.latest() if t.resume == "auto" else None
+        state = run.ckpt.load(latest, run.learner) if latest else TrainerState()
+        if state.sampler:
+            run.sampler.load_state_dict(state.sampler)
+        logger = MetricsLogger(
+            t.output_dir,
+            total_steps=t.total_steps,
+            wandb_mode=cfg.logger.wandb_mode,
+            project=cfg.logger.project,
+            run_name=cfg.logger.run_name or f"{cfg.algorithm.name}-{cfg.seed}",
+            run_id=state.wandb_run_id,
+            config={"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "sizes": run.sizes.as_dict()},
+        )
+        logger.truncate_after(state.step)
+        state.wandb_run_id = logger.run_id
+        if latest:
+            print(f"resumed from {latest} (step {state.step}, policy version {state.policy_version})", flush=True)
+        push_weights(
+            run.learner, run.rollout, state.policy_version, bucket_bytes=int(cfg.learner.weight_bucket_mb * 2**20)
+        )
+        metrics: dict[str, float] = {}
+        for step in range(state.step, t.total_steps):
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            metrics = dict(run.data_metrics)
+            if run.val_rows and t.eval_before_train and step == 0:
+                with stage("eval", step, timings, stacks):
+                    metrics |= {
+                        k.replace("eval/", "eval/initial_"): v for k, v in evaluate(run, run.val_rows, step).items()
+                    }
+            with stage("rollout", step, timings, stacks):
+                batch, filter_metrics = collect_batch(run, step)
+            metrics |= filter_metrics | rollout_metrics(batch, cfg.rollout.max_response_tokens)
+            with stage("old_log_probs", step, timings, stacks):
+                batch = batch.replace(old_log_probs=run.learner.compute_log_probs(batch))
+            if run.uses_reference:
+                with stage("ref_log_probs", step, timings, stacks):
+                    batch = batch.replace(ref_log_probs=run.learner.compute_log_probs(batch, reference=True))
+            with stage("advantages", step, timings, stacks):
+                batch, adv_metrics = compute_advantages(run, batch)
+            with stage("update", step, timings, stacks):
+                metrics |= learner_metrics(run.learner.update(batch)) | to_floats(adv_metrics)
+            with stage("weight_sync", step, timings, stacks):
+                state.policy_version += 1
+                metrics |= push_weights(
+                    run.learner,
+                    run.rollout,
+                    state.policy_version,
+                    bucket_bytes=int(cfg.learner.weight_bucket_mb * 2**20),
+                )
+            last = step + 1 == t.total_steps
+            if run.val_rows and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
+                with stage("eval", step, timings, stacks):
+                    metrics |= evaluate(run, run.val_rows, step + 1)
+            state.step, state.sampler = step + 1, run.sampler.state_dict()
+            if (t.save_every and state.step % t.save_every == 0) or last:
+                with stage("checkpoint", step, timings, stacks):
+                    run.ckpt.save(state, run.learner)
+            timings["timing_s/step"] = time.perf_counter() - start
+            metrics |= timings | {"perf/tokens_per_s": metrics["rollout/tokens"] / timings["timing_s/step"]}
+            logger.log(step, metrics)
+        summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
+        (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        return metrics
+    finally:
+        if logger is not None:
+            logger.close()
+        run.shutdown()
+
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

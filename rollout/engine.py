@@ -1,0 +1,357 @@
+"""Generation engines: the `Engine` protocol, the vLLM engine, and the helpers every engine shares.
+
+An engine turns prompts into `Sample`s (token ids, per-token log-probs, finish reason, policy version) and
+takes new weights from the learner between steps. Two implementations keep the same contract:
+`VLLMEngine` (this file, the real one) and `HFEngine` (rollout/hf_engine.py, a plain transformers
+reference used by tests and as a fallback where vLLM is not installed).
+
+Log-prob semantics (`logprobs_mode`). vLLM 0.32 can report the log-prob of each sampled token under
+* "raw_logprobs" (default): log_softmax of the model's raw logits, before temperature, top-k/top-p and
+  penalties. This is the model distribution π(·|x) at temperature 1: exactly what the learner's forward
+  pass computes, so rollout and learner log-probs are directly comparable (and the mismatch metric means
+  something). It is what the trainer uses.
+* "processed_logprobs": log_softmax after temperature scaling and top-k/top-p masking: the distribution the
+  token was actually drawn from (the behaviour policy in the strict sense).
+With temperature=1, top_p=1, top_k=0 (the RL default) the two coincide.
+
+Weight updates (tested on vLLM's CPU build). The contract is
+`update_weights(named_tensors, policy_version)`: Hugging Face-named, full (unsharded) tensors, any number of
+them, in any order. It runs vLLM's layer-wise reload lifecycle, the same one vLLM's native weight-transfer
+engines use (`vllm.model_executor.model_loader.reload`):
+    begin_weight_update()            initialize_layerwise_reload(model): parameters go back to their
+                                     checkpoint layout; loaders buffer until a layer is complete
+    load_weight_bucket(bucket) × k   model.load_weights(bucket): a layer is processed and copied into the
+                                     live kernel tensors as soon as all its weights have arrived
+    finish_weight_update(version)    finalize_layerwise_reload(...): layers that got no weights keep their old
+                                     values; then the prefix cache is reset and the version bumped
+so a bucket may hold any subset of the tensors (even half of a fused qkv projection) and the update streams
+bucket by bucket without a second full copy of the model. Measured: calling `reload_weights` once per bucket
+does NOT work (each call finalizes the half-loaded fused layers: wrong weights); one `reload_weights` call
+with the whole iterator does, and so does the lifecycle above. `model.load_weights` outside that lifecycle
+fails on the CPU backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pathlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from rollout.types import LogprobsMode, Prompt, Sample, SamplingConfig
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+# vLLM's CPU attention kernels support only these head sizes (vllm/v1/attention/backends/cpu_attn.py).
+CPU_SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the rollout worker needs from a generation engine."""
+
+    policy_version: int
+    max_model_len: int
+    pad_token_id: int
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, prompt_index_offset: int = 0
+    ) -> list[Sample]:
+        """n = sampling.n samples per prompt, in prompt order (prompt 0's n samples first).
+
+        `prompt_index_offset` is added to each sample's prompt_index (a worker handling a shard of a larger
+        batch reports global indices, and seeds depend on the global index).
+        """
+        ...
+
+    def update_weights(self, named_tensors: NamedTensors, policy_version: int) -> None:
+        """Load Hugging Face-named full tensors; later samples carry `policy_version`."""
+        ...
+
+    def begin_weight_update(self) -> None: ...
+
+    def load_weight_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Load one bucket of an update begun with begin_weight_update; returns its size in bytes."""
+        ...
+
+    def finish_weight_update(self, policy_version: int) -> None: ...
+
+    def abort_weight_update(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def resolve_model_path(model: str | os.PathLike) -> str:
+    """The model path as a string; a missing local path raises FileNotFoundError naming it.
+
+    A string of the form "org/name" that is not a local directory is taken as a Hugging Face hub id, unless
+    HF_HUB_OFFLINE is set (then it cannot be fetched, so it must exist locally).
+    """
+    path = pathlib.Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model path {str(model)!r} has no config.json")
+        return str(path.resolve())
+    text = str(model)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        return text
+    raise FileNotFoundError(f"model path {text!r} does not exist")
+
+
+def render_prompts(tokenizer, prompts: Sequence[Prompt], *, index_offset: int = 0) -> list[list[int]]:
+    """Token ids of each prompt: chat messages through the chat template (add_generation_prompt=True),
+    token-id lists as given. Errors name the prompt as `index_offset + position`."""
+    if len(prompts) == 0:
+        raise ValueError("generate: empty batch (no prompts)")
+    rendered = []
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index_offset + index} is empty")
+        if all(isinstance(item, dict) for item in prompt):
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            rendered.append(tokenizer.encode(text, add_special_tokens=False))
+        elif all(isinstance(item, int) for item in prompt):
+            rendered.append([int(t) for t in prompt])
+        else:
+            raise TypeError(
+                f"prompt {index_offset + index} must be a list of chat messages (dicts) or of token ids (ints)"
+            )
+    return rendered
+
+
+def check_prompt_lengths(
+    prompt_ids: Sequence[Sequence[int]], max_tokens: int, max_model_len: int, *, index_offset: int = 0
+) -> None:
+    """Raise ValueError naming the first prompt whose length + max_tokens exceeds the model's context."""
+    for index, ids in enumerate(prompt_ids):
+        if len(ids) + max_tokens > max_model_len:
+            raise ValueError(
+                f"prompt {index_offset + index} is too long: {len(ids)} prompt tokens + max_tokens {max_tokens} = "
+                f"{len(ids) + max_tokens} > the model's context length max_model_len={max_model_len}"
+            )
+
+
+def iter_buckets(
+    named_tensors: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of (name, tensor) into lists of at most `bucket_bytes` (a bigger tensor goes alone)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def bucket_nbytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+# Functions run on vLLM's worker(s) through collective_rpc (module-level so they pickle by reference when
+# the engine runs its workers in other processes).
+def _worker_begin_weight_update(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _worker_load_weights(worker, bucket: list[tuple[str, torch.Tensor]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(bucket)
+
+
+def _worker_finish_weight_update(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(worker.model_runner.get_model(), worker.model_runner.model_config)
+        worker.model_runner.reset_lora_state()
+
+
+class VLLMEngine:
+    """A vLLM `LLM` in this process (set VLLM_ENABLE_V1_MULTIPROCESSING=0 to keep its engine core in-process
+    too: 2 s start instead of ~14 s on CPU).
+
+    model_path:           local Hugging Face model directory (or hub id when online).
+    dtype:                "auto" (the checkpoint's) or e.g. "float32" / "bfloat16".
+    max_model_len:        context length (prompt + response); None = the model's.
+    tensor_parallel_size: GPUs per engine (1 on CPU).
+    seed:                 engine seed (unseeded requests draw from it).
+    logprobs_mode:        "raw_logprobs" (model distribution, default) or "processed_logprobs"; module doc.
+    enforce_eager:        no CUDA graphs / torch.compile; None = True on CPU, False on GPU.
+    engine_kwargs:        further `vllm.LLM` keyword arguments (e.g. gpu_memory_utilization).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
+        enforce_eager: bool | None = None,
+        engine_kwargs: dict | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_path = resolve_model_path(model_path)
+        if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+            raise ValueError(f"logprobs_mode must be raw_logprobs or processed_logprobs, got {logprobs_mode!r}")
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            config = AutoConfig.from_pretrained(self.model_path)
+            text_config = getattr(config, "text_config", config)
+            head_dim = getattr(text_config, "head_dim", None) or (
+                text_config.hidden_size // text_config.num_attention_heads
+            )
+            if head_dim not in CPU_SUPPORTED_HEAD_SIZES:
+                raise ValueError(
+                    f"{self.model_path}: head_dim {head_dim} is not supported by vLLM's CPU attention "
+                    f"(supported: {CPU_SUPPORTED_HEAD_SIZES})"
+                )
+        self.logprobs_mode = logprobs_mode
+        self.policy_version = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        engine_kwargs = dict(engine_kwargs or {})
+        if on_cpu and "enable_chunked_prefill" not in engine_kwargs:
+            # vLLM 0.32 CPU bug: when a seeded request's prefill is split over steps, the model runner rewinds
+            # its torch.Generator with set_offset, which CPU generators lack ("CPU Generator does not use
+            # offset"), and the engine dies. Without chunked prefill no prefill is split.
+            context = max_model_len or text_config.max_position_embeddings
+            engine_kwargs["enable_chunked_prefill"] = False
+            engine_kwargs.setdefault("max_num_batched_tokens", max(context, 8192))
+        self.llm = LLM(
+            model=self.model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            logprobs_mode=logprobs_mode,
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            **engine_kwargs,
+        )
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
+        self._update_active = False
+
+    def _sampling_params(self, sampling: SamplingConfig, prompt_index: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop),
+            stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=sampling.ignore_eos,
+            seed=sampling.sample_seed(prompt_index, 0),  # vLLM gives child i of a request seed + i
+            logprobs=0,  # the log-prob of the sampled token only
+        )
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, prompt_index_offset: int = 0
+    ) -> list[Sample]:
+        prompt_ids = render_prompts(self.tokenizer, prompts, index_offset=prompt_index_offset)
+        check_prompt_lengths(prompt_ids, sampling.max_tokens, self.max_model_len, index_offset=prompt_index_offset)
+        if self._update_active:
+            raise RuntimeError("generate called during a weight update (finish_weight_update first)")
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        params = [self._sampling_params(sampling, prompt_index_offset + i) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for index, (ids, output) in enumerate(zip(prompt_ids, outputs, strict=True)):
+            completions = sorted(output.outputs, key=lambda c: c.index)
+            if len(completions) != sampling.n:
+                raise RuntimeError(f"vLLM returned {len(completions)} samples for prompt {index}, not {sampling.n}")
+            for completion in completions:
+                if completion.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(
+                        f"vLLM finished a sample of prompt {index} with reason {completion.finish_reason!r}"
+                    )
+                token_ids = tuple(completion.token_ids)
+                log_probs = torch.tensor(
+                    [position[token].logprob for position, token in zip(completion.logprobs, token_ids)],
+                    dtype=torch.float32,
+                )
+                samples.append(
+                    Sample(
+                        prompt_index=prompt_index_offset + index,
+                        prompt_ids=tuple(ids),
+                        response_ids=token_ids,
+                        log_probs=log_probs,
+                        finish_reason=completion.finish_reason,
+                        policy_version=self.policy_version,
+                        text=completion.text,
+                    )
+                )
+        return samples
+
+    def begin_weight_update(self) -> None:
+        if self._update_active:
+            raise RuntimeError("begin_weight_update called twice without finish_weight_update")
+        self.llm.collective_rpc(_worker_begin_weight_update)
+        self._update_active = True
+
+    def load_weight_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
+        if not self._update_active:
+            raise RuntimeError("load_weight_bucket called outside begin_weight_update / finish_weight_update")
+        bucket = list(bucket)
+        self.llm.collective_rpc(_worker_load_weights, args=(bucket,))
+        return bucket_nbytes(bucket)
+
+    def finish_weight_update(self, policy_version: int) -> None:
+        if not self._update_active:
+            raise RuntimeError("finish_weight_update called without begin_weight_update")
+        self.llm.collective_rpc(_worker_finish_weight_update)
+        self._update_active = False
+        # Cached prefixes hold KV computed with the old weights: drop them.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after the weight update")
+        self.policy_version = int(policy_version)
+
+    def abort_weight_update(self) -> None:
+        """End an update that failed part way: layers already complete keep their new values, the others
+        their old ones (the model is then a mix: push a full update again). The version is not bumped."""
+        if self._update_active:
+            self.llm.collective_rpc(_worker_finish_weight_update)
+            self._update_active = False
+            self.llm.reset_prefix_cache()
+
+    def update_weights(self, named_tensors: NamedTensors, policy_version: int) -> None:
+        self.begin_weight_update()
+        try:
+            for bucket in iter_buckets(named_tensors):
+                self.load_weight_bucket(bucket)
+        except BaseException:
+            self.abort_weight_update()
+            raise
+        self.finish_weight_update(policy_version)
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            gc.collect()

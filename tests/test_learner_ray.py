@@ -1,0 +1,173 @@
+"""The learner as a Ray group of two FSDP2 ranks over gloo: world-size invariance against an in-process
+single rank, exact sharded resume, HF export, weights into a vLLM engine, and a failing rank.
+
+One Ray cluster and one learner group for the module (tests run in file order; the last one breaks the group).
+"""
+
+import time
+
+import pytest
+import ray
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
+from learner.distributed import free_port, init_distributed
+from learner.group import LearnerGroup, LearnerRankError
+from learner.synthetic import random_batch
+from learner.worker import LearnerWorker
+from rollout.tiny import VOCAB_SIZE, build_tiny_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("learner_ray") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def make_config(model_dir) -> LearnerConfig:
+    return LearnerConfig(
+        model_dir=model_dir,
+        mini_batch_samples=8,
+        micro_batch_tokens=70,  # a few micro-batches per rank, not always as many on both ranks
+        policy_loss="fipo",
+        optimizer=OptimizerConfig(lr=1e-3),
+        lr_schedule=LRScheduleConfig(warmup_steps=2),
+        collective_timeout_s=15.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def group(model_dir, ray_cluster):
+    group = LearnerGroup(make_config(model_dir), world_size=2, num_cpus_per_rank=1, call_timeout_s=120)
+    yield group
+    group.shutdown()
+
+
+def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)
+    norm = sum(float(b[k].double().square().sum()) for k in b)
+    return (diff / norm) ** 0.5
+
+
+def test_two_ranks_update_like_one(group, model_dir):
+    """Same data, world size 2 (Ray, gloo) vs 1 (in-process): same log-probs, gradients and parameters, so
+    the loss is normalised by the global token count and rank gradients are summed, not averaged."""
+    batch = random_batch(16, vocab_size=VOCAB_SIZE, seed=21)  # two mini-batches of 8 → 4 rows per rank
+    old_two = group.compute_log_probs(batch)
+    two = group.update(batch.replace(old_log_probs=old_two))
+    state_two = group.full_state_dict(optimizer=True)
+
+    created = not dist.is_initialized()
+    if created:
+        init_distributed(0, 1, "127.0.0.1", free_port(), timeout_s=60)
+    try:
+        single = LearnerWorker(make_config(model_dir))
+        old_one = single.compute_log_probs(batch)
+        one = single.update(batch.replace(old_log_probs=old_one))
+        state_one = single.full_state_dict(optimizer=True)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+    torch.testing.assert_close(old_two, old_one, rtol=0, atol=1e-6)
+    assert len(two) == len(one) == 2
+    for m2, m1 in zip(two, one):
+        for key in ("learner/loss", "learner/grad_norm", "learner/response_tokens", "learner/entropy"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
+        assert m2["learner/lr"] == m1["learner/lr"]
+    assert two[0]["learner/ppo_kl"] == 0.0 and two[0]["learner/influence_weights_max"] == 1.0  # Δ ≡ 0, f ≡ 1
+    assert two[1]["learner/influence_weights_max"] > 1.0  # FIPO active on the second mini-batch
+    assert rel_err(state_two["model"], state_one["model"]) < 1e-5
+    for moment in ("exp_avg", "exp_avg_sq"):
+        a = {k: v[moment] for k, v in state_two["optimizer"]["state"].items()}
+        b = {k: v[moment] for k, v in state_one["optimizer"]["state"].items()}
+        assert rel_err(a, b) < 1e-5, moment
+
+
+def test_sharded_checkpoint_restore_repeats_the_update_exactly(group, tmp_path):
+    first, second = random_batch(16, vocab_size=VOCAB_SIZE, seed=31), random_batch(16, vocab_size=VOCAB_SIZE, seed=32)
+    group.update(first.replace(old_log_probs=group.compute_log_probs(first)))
+    group.save_checkpoint(str(tmp_path / "ckpt"))
+    expected_old = group.compute_log_probs(second)
+    expected = group.update(second.replace(old_log_probs=expected_old))
+    expected_state = group.full_state_dict(optimizer=True)
+
+    group.load_checkpoint(str(tmp_path / "ckpt"))  # back to the saved state, then the same update again
+    resumed_old = group.compute_log_probs(second)
+    resumed = group.update(second.replace(old_log_probs=resumed_old))
+    state = group.full_state_dict(optimizer=True)
+    assert torch.equal(resumed_old, expected_old)
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in ms]  # noqa: E731
+    assert strip(resumed) == strip(expected)
+    assert all(torch.equal(state["model"][k], v) for k, v in expected_state["model"].items())
+    for name, moments in expected_state["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(torch.as_tensor(state["optimizer"]["state"][name][key]), torch.as_tensor(value))
+
+    group.export_hf(str(tmp_path / "hf"))  # the HF export gathers the shards of both ranks
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in state["model"].items())
+
+
+def test_weight_buckets_hold_the_full_weights(group):
+    """The buckets rank 0 returns (point-to-point gathers of uneven dim-0 shards: 259 vocabulary rows over
+    two ranks) are exactly the full state dict, in order."""
+    state = group.full_state_dict()["model"]
+    buckets = group.start_weight_buckets(64 << 10)
+    received = [item for ref in buckets.refs for item in ray.get(ref)]
+    group.finish_weight_buckets(buckets)
+    assert len(buckets.refs) > 1 and [name for name, _ in received] == list(state)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in received)
+    assert buckets.nbytes == sum(t.numel() * t.element_size() for _, t in received)
+
+
+@pytest.mark.vllm
+def test_rollout_engine_log_probs_equal_the_learner_after_a_broadcast(group, model_dir):
+    from orchestration.weight_sync import push_weights
+    from rollout.group import RolloutGroup
+    from rollout.types import SamplingConfig, samples_to_batch
+
+    prompts = [[257, 72, 105, 10], [257, 49, 43, 49, 61], [257, 120], [257, 97, 98, 99, 100, 101, 102]]
+    sampling = SamplingConfig(max_tokens=12, n=2, seed=0)
+    with RolloutGroup(model_dir, 1, engine="vllm", engine_kwargs={"max_model_len": 256, "dtype": "float32"}) as rollout:
+        before = samples_to_batch(rollout.generate(prompts, sampling), pad_token_id=256)
+        learner_before = group.compute_log_probs(before)
+        stale_gap = float(((learner_before - before.rollout_log_probs).abs() * before.response_mask).max())
+        assert stale_gap > 1e-3, "the learner has trained: the initial engine weights must differ from its own"
+
+        report = push_weights(group, rollout, policy_version=1, bucket_bytes=64 << 10)
+        assert report["weight_sync/num_buckets"] > 1 and report["weight_sync/bytes"] > 0
+        after = samples_to_batch(rollout.generate(prompts, sampling), pad_token_id=256)
+        assert after.policy_version == 1
+        learner_after = group.compute_log_probs(after)
+        gap = float(((learner_after - after.rollout_log_probs).abs() * after.response_mask).max())
+        assert gap <= 1e-4
+
+
+def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):
+    """Rank 1 raises at once while rank 0 waits in a collective for it: the driver gets rank 1's error and
+    traceback at once, and rank 0 gets out of its stuck collective after the process-group timeout."""
+    good = random_batch(8, vocab_size=VOCAB_SIZE, seed=41)
+    good = good.replace(old_log_probs=torch.zeros_like(good.rollout_log_probs))
+    bad = good.replace(old_log_probs=None)
+    start = time.monotonic()
+    with pytest.raises(LearnerRankError, match=r"(?s)rank 1 failed in update.*worker\.py.*ValueError: update needs"):
+        group.call_per_rank("update", [((good,), {}), ((bad,), {})])
+    assert time.monotonic() - start < 5.0
+    with pytest.raises(RuntimeError, match="unusable"):
+        group.update(good)
+    (stuck_rank0,) = group.unfinished
+    with pytest.raises(ray.exceptions.RayTaskError):  # gloo's timeout (15 s) ends the stuck collective
+        ray.get(stuck_rank0, timeout=make_config(model_dir).collective_timeout_s + 30)
+    assert time.monotonic() - start < make_config(model_dir).collective_timeout_s + 30

@@ -1,0 +1,102 @@
+"""The Hydra config tree composes for every preset, matches the published recipes, and rejects bad values."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from orchestration.config import TrainConf, register_configs, to_object
+from orchestration.sizes import ConfigError
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+register_configs()
+
+
+def load(*overrides: str) -> TrainConf:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return to_object(compose("config", overrides=list(overrides)))
+
+
+def test_embedded_default_is_fipo_tiny_local_cpu():
+    cfg = load()
+    assert (cfg.algorithm.policy_loss, cfg.model.path, cfg.cluster.name) == ("fipo", None, "local_cpu")
+    assert cfg.algorithm.train_batch_prompts // cfg.algorithm.mini_batch_prompts >= 2
+    assert cfg.learner.world_size == 2 and cfg.rollout.engine == "vllm" and cfg.logger.wandb_mode == "offline"
+
+
+@pytest.mark.parametrize(
+    "experiment,loss,group,train,gen,mini,max_len,high_only,safety",
+    [
+        ("fipo_32b", "fipo", 16, 512, 2048, 64, 20480, True, 10.0),
+        ("dapo_32b", "dapo", 16, 512, 1536, 32, 20480, True, 10.0),
+        ("fipo_7b", "fipo", 32, 512, 2048, 64, 10240, False, 3.0),
+        ("dapo_7b", "dapo", 16, 512, 1536, 32, 8192, True, 10.0),
+    ],
+)
+def test_official_recipes(experiment, loss, group, train, gen, mini, max_len, high_only, safety):
+    """Values from FIPO_SPEC §5.1 / §5.2."""
+    cfg = load(f"experiment={experiment}")
+    a = cfg.algorithm
+    assert (a.policy_loss, a.group_size, a.train_batch_prompts, a.gen_batch_prompts, a.mini_batch_prompts) == (
+        loss,
+        group,
+        train,
+        gen,
+        mini,
+    )
+    assert cfg.rollout.max_response_tokens == max_len
+    assert (a.clip_low, a.clip_high, a.clip_c, a.loss_agg_mode, a.kl_coef) == (0.2, 0.28, 10.0, "token-mean", 0.0)
+    assert (cfg.learner.lr, cfg.learner.weight_decay, cfg.learner.grad_clip, cfg.learner.warmup_steps) == (
+        1e-6,
+        0.1,
+        1.0,
+        10,
+    )
+    assert cfg.learner.param_dtype == "bfloat16" and cfg.cluster.address == "auto"
+    if loss == "fipo":
+        assert (a.decay_rate, a.weight_clip, a.weight_clip_high_only, a.safety_threshold) == (
+            32.0,
+            0.2,
+            high_only,
+            safety,
+        )
+    assert cfg.trainer.eval_samples == 32 and cfg.data.max_prompt_tokens == 2048
+
+
+def test_grpo_preset():
+    a = load("algorithm=grpo").algorithm
+    assert (a.policy_loss, a.clip_high, a.clip_c, a.loss_agg_mode, a.kl_coef, a.filter_groups) == (
+        "grpo",
+        0.2,
+        None,
+        "seq-mean-token-mean",
+        0.001,
+        False,
+    )
+
+
+def test_unknown_key_is_rejected_not_ignored():
+    with pytest.raises(ConfigCompositionException, match="algorithm.typo"):
+        load("algorithm.typo=1")
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("trainer.resume=maybe", "trainer.resume"),
+        ("algorithm.max_gen_rounds=0", "algorithm.max_gen_rounds"),
+        ("algorithm.clip_c=null", "algorithm.clip_c"),
+        ("rollout.engine=tgi", "rollout.engine"),
+        ("learner.world_size=9", "cluster.num_cpus"),
+        ("algorithm.overlong_buffer_tokens=100", "algorithm.overlong_buffer_tokens"),
+    ],
+)
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load(override)
+
+
+def test_gpu_placement_checked_against_this_machine():
+    with pytest.raises(ConfigError, match="GPUs"):
+        load("learner.num_gpus_per_rank=1")

@@ -1,0 +1,157 @@
+"""Data loading (verl schema, real AIME rows, parquet), the resumable sampler, the synthetic task, sizes."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestration.data import DataError, PromptSampler, drop_long_prompts, load_datasets, load_rows
+from orchestration.sizes import ConfigError, derive_sizes
+from orchestration.tasks import make_rows, worked_solution, write_jsonl
+
+AIME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aime-2024.jsonl"
+
+
+@pytest.mark.skipif(not AIME.exists(), reason="shared/data is beside the checkout in development and CI")
+def test_real_aime_rows_load_unchanged():
+    rows = load_rows(AIME)
+    assert len(rows) == 30
+    assert rows[0].ground_truth == "204" and rows[0].messages[0]["role"] == "user"
+    assert "Answer:" in rows[0].messages[0]["content"]
+    assert rows[0].data_source == "aime-2024" and rows[0].source.endswith("aime-2024.jsonl:1")
+
+
+def test_parquet_round_trip_and_numeric_ground_truth(tmp_path):
+    table = pa.Table.from_pylist(
+        [
+            {"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2"}},
+            {"prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"ground_truth": "4"}},
+        ]
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    rows = load_rows(tmp_path / "d.parquet")
+    assert [r.ground_truth for r in rows] == ["2", "4"]
+    (tmp_path / "n.jsonl").write_text(json.dumps({"prompt": "3+3?", "reward_model": {"ground_truth": 6}}) + "\n")
+    assert load_rows(tmp_path / "n.jsonl")[0].ground_truth == "6"
+    assert len(load_datasets([tmp_path / "d.parquet", tmp_path / "n.jsonl"])) == 3
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ("{not json", "line 2|:2: not valid JSON"),
+        (json.dumps({"prompt": [{"role": "user", "content": "x"}]}), ":2: 'reward_model.ground_truth'"),
+        (json.dumps({"prompt": [], "reward_model": {"ground_truth": "1"}}), ":2: 'prompt' must be"),
+        (
+            json.dumps({"prompt": [{"role": "bot", "content": "x"}], "reward_model": {"ground_truth": "1"}}),
+            "role",
+        ),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path, line, match):
+    good = json.dumps({"prompt": [{"role": "user", "content": "ok"}], "reward_model": {"ground_truth": "1"}})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError, match=match) as info:
+        load_rows(path)
+    assert "bad.jsonl" in str(info.value)
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_rows(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(DataError, match="unsupported"):
+        load_rows(tmp_path / "x.csv")
+
+
+def test_drop_long_prompts_counts(tmp_path):
+    rows, _ = make_rows(10, 0, seed=1)
+    parsed = load_rows(write_jsonl(rows, tmp_path / "rows.jsonl"))
+    kept, dropped = drop_long_prompts(parsed, lambda r: len(r.messages[0]["content"]), 24)
+    assert dropped == sum(len(r["prompt"][0]["content"]) > 24 for r in rows)
+    assert len(kept) + dropped == 10
+    with pytest.raises(DataError, match="max_prompt_tokens=1"):
+        drop_long_prompts(parsed, lambda r: 100, 1)
+
+
+def test_sampler_is_a_permutation_per_epoch_and_resumes_exactly():
+    sampler = PromptSampler(7, seed=3)
+    first = sampler.next_indices(7)
+    assert sorted(first) == list(range(7))
+    uninterrupted = PromptSampler(7, seed=3)
+    expected = uninterrupted.next_indices(5) + uninterrupted.next_indices(12)
+    resumed = PromptSampler(7, seed=3)
+    head = resumed.next_indices(5)
+    state = resumed.state_dict()
+    again = PromptSampler(7, seed=3)
+    again.load_state_dict(state)
+    assert head + again.next_indices(12) == expected
+    assert sorted(expected[7:14]) == list(range(7))  # the second epoch is a full permutation too
+    with pytest.raises(DataError, match="dataset or seed changed"):
+        PromptSampler(8, seed=3).load_state_dict(state)
+
+
+def test_synthetic_task_rows_are_correct_and_disjoint():
+    train, test = make_rows(200, 50, seed=0)
+    assert len(train) == 200 and len(test) == 50
+    prompts = {r["prompt"][0]["content"] for r in train}
+    assert not prompts & {r["prompt"][0]["content"] for r in test}
+    for row in train[:20]:
+        numbers = [int(x) for x in row["prompt"][0]["content"].split(":")[1].split()]
+        assert row["reward_model"]["ground_truth"] == str(sum(numbers))
+        assert row["extra_info"]["solution"].endswith(f"Answer: {sum(numbers)}")
+    assert worked_solution([17, 5, 38]) == "17+5=22\n22+38=60\nAnswer: 60"
+    assert make_rows(5, 5, seed=4) == make_rows(5, 5, seed=4)
+
+
+SIZES = dict(
+    policy_loss="fipo",
+    group_size=16,
+    train_batch_prompts=512,
+    gen_batch_prompts=2048,
+    mini_batch_prompts=64,
+    learner_world_size=128,
+    micro_batch_tokens=22528,
+    max_prompt_tokens=2048,
+    max_response_tokens=20480,
+    rollout_workers=32,
+)
+
+
+def test_official_recipe_schedule():
+    sizes = derive_sizes(**SIZES)
+    assert (sizes.train_batch_samples, sizes.mini_batches_per_step, sizes.mini_batch_samples) == (
+        8192,
+        8,
+        1024,
+    )
+    assert sizes.mini_batch_samples_per_rank == 8
+    assert sizes.describe().startswith("1 step = 512 prompts × 16 = 8192 samples → 8 optimizer step(s) of 1024 samples")
+    assert "micro-batches ≤ 22528 tokens" in sizes.describe()
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(mini_batch_prompts=512), "FIPO with one mini-batch per step"),
+        (
+            dict(mini_batch_prompts=100),
+            "train_batch_prompts=512 is not a multiple of algorithm.mini_batch_prompts",
+        ),
+        (dict(learner_world_size=3), "learner.world_size=3"),
+        (dict(gen_batch_prompts=100), "algorithm.gen_batch_prompts=100"),
+        (dict(micro_batch_tokens=1000), "learner.micro_batch_tokens=1000"),
+        (dict(group_size=0), "algorithm.group_size must be a positive integer"),
+    ],
+)
+def test_size_errors_name_the_keys(change, match):
+    with pytest.raises(ConfigError, match=match):
+        derive_sizes(**{**SIZES, **change})
+
+
+def test_dapo_may_use_one_mini_batch():
+    sizes = derive_sizes(**{**SIZES, "policy_loss": "dapo", "mini_batch_prompts": 512})
+    assert sizes.mini_batches_per_step == 1

@@ -1,0 +1,107 @@
+"""RolloutGroup over Ray actors hosting vLLM engines: sharding and ordering, weight updates through the object
+store, and failures that surface as errors within seconds (never a hang). One group start for the module."""
+
+import threading
+import time
+
+import pytest
+
+from rollout.reference import load_reference_model, max_abs_log_prob_error, perturbed_state_dict
+from rollout.tiny import build_tiny_model
+from rollout.types import SamplingConfig, samples_to_batch
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
+
+PROMPTS = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("rollout_ray") / "model")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def group(ray_cluster, model_dir):
+    from rollout.group import RolloutGroup
+
+    group = RolloutGroup(
+        model_dir,
+        num_workers=2,
+        engine_kwargs={"dtype": "float32", "max_model_len": 256},
+        num_cpus_per_worker=1.0,
+        timeout_s=120.0,
+    )
+    yield group
+    group.shutdown()
+
+
+def test_group_shards_whole_prompts_and_gathers_in_prompt_order(group, model_dir):
+    assert group.num_workers == 2 and len({info["pid"] for info in group.worker_info}) == 2
+    n = 3
+    samples = group.generate(PROMPTS, SamplingConfig(n=n, max_tokens=16, seed=0))
+    assert [s.prompt_index for s in samples] == [p for p in range(len(PROMPTS)) for _ in range(n)]
+    for s in samples:
+        assert f"Question {s.prompt_index}:" in bytes(t for t in s.prompt_ids if t < 256).decode()
+    assert max_abs_log_prob_error(load_reference_model(model_dir), samples) <= 1e-4
+    batch = samples_to_batch(samples, group.pad_token_id)
+    assert batch.group_index.tolist() == [s.prompt_index for s in samples] and batch.policy_version == 0
+
+
+def test_group_weight_update_from_object_store_buckets(ray_cluster, group, model_dir):
+    ray = ray_cluster
+    sampling = SamplingConfig(n=2, max_tokens=16, seed=1)
+    before = group.generate(PROMPTS, sampling)
+    new_state = perturbed_state_dict(model_dir, seed=3)
+    items = list(new_state.items())
+    buckets = [items[i : i + 5] for i in range(0, len(items), 5)]  # splits fused layers across buckets
+    refs = [ray.put(bucket) for bucket in buckets]
+    stats = group.update_weights(refs, policy_version=1)
+    total_bytes = sum(t.numel() * t.element_size() for t in new_state.values())
+    assert [s["bytes"] for s in stats] == [total_bytes, total_bytes]
+    assert all(s["num_buckets"] == len(buckets) and s["seconds"] > 0 for s in stats)
+
+    after = group.generate(PROMPTS, sampling)
+    assert all(s.policy_version == 1 for s in after)
+    assert [s.response_ids for s in after] != [s.response_ids for s in before]
+    assert max_abs_log_prob_error(load_reference_model(model_dir, new_state), after) <= 1e-4
+
+
+def test_worker_errors_reach_the_caller_with_their_message(group, tmp_path):
+    from rollout.group import RolloutGroup
+
+    too_long = PROMPTS[:4] + [[257] * 250]  # prompt 4 lands on worker 1, as its local prompt 1
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker 1 failed during generate.*prompt 4 is too long: 250"):
+        group.generate(too_long, SamplingConfig(max_tokens=16))
+    assert time.monotonic() - start < 30
+    with pytest.raises(ValueError, match="empty batch"):
+        group.generate([], SamplingConfig())
+    with pytest.raises(FileNotFoundError, match="missing_model"):
+        RolloutGroup(tmp_path / "missing_model")
+    assert group.generate(PROMPTS[:1], SamplingConfig(max_tokens=4))  # still usable after a worker raised
+
+
+def test_worker_killed_mid_batch_raises_within_seconds(ray_cluster, group):
+    """Runs last: it kills worker 1."""
+    ray = ray_cluster
+    killer = threading.Timer(1.0, ray.kill, args=(group.workers[1],))
+    long_batch = SamplingConfig(n=8, max_tokens=200, ignore_eos=True)
+    start = time.monotonic()
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match="rollout worker 1 died during generate"):
+            group.generate(PROMPTS * 8, long_batch)
+    finally:
+        killer.join()
+    assert time.monotonic() - start < 30
+    with pytest.raises(RuntimeError, match="unusable"):
+        group.generate(PROMPTS, SamplingConfig(max_tokens=4))

@@ -1,0 +1,54 @@
+"""Small pure pieces of the rollout package: padding into a RolloutBatch, weight buckets, prompt sharding."""
+
+import pytest
+import torch
+
+from rollout.engine import iter_buckets
+from rollout.group import shard_prompts
+from rollout.types import Sample, SamplingConfig, samples_to_batch
+
+
+def test_iter_buckets_respects_the_byte_budget():
+    tensors = [(f"t{i}", torch.zeros(10)) for i in range(5)]  # 40 bytes each
+    assert [[n for n, _ in b] for b in iter_buckets(tensors, bucket_bytes=100)] == [
+        ["t0", "t1"],
+        ["t2", "t3"],
+        ["t4"],
+    ]
+    assert len(list(iter_buckets([("big", torch.zeros(100))], bucket_bytes=8))) == 1
+
+
+def test_samples_to_batch_pads_by_hand():
+    lp = torch.tensor
+    samples = [
+        Sample(0, (5, 6, 7), (1,), lp([-0.5]), "stop", 2),
+        Sample(0, (5, 6, 7), (1, 2, 3), lp([-0.1, -0.2, -0.3]), "length", 2),
+        Sample(1, (8,), (4, 5), lp([-1.0, -2.0]), "stop", 2),
+    ]
+    batch = samples_to_batch(samples, pad_token_id=0)
+    assert batch.prompt_ids.tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 8]]
+    assert batch.prompt_mask.tolist() == [[True] * 3, [True] * 3, [False, False, True]]
+    assert batch.response_ids.tolist() == [[1, 0, 0], [1, 2, 3], [4, 5, 0]]
+    assert batch.response_mask.sum(-1).tolist() == [1, 3, 2]
+    assert batch.rollout_log_probs.tolist()[2] == [-1.0, -2.0, 0.0]
+    assert batch.group_index.tolist() == [0, 0, 1] and batch.policy_version == 2
+    with pytest.raises(ValueError, match="several policy versions"):
+        samples_to_batch([samples[0], Sample(0, (5,), (1,), lp([-0.5]), "stop", 3)], pad_token_id=0)
+    with pytest.raises(ValueError, match="no samples"):
+        samples_to_batch([], pad_token_id=0)
+
+
+def test_shard_prompts_keeps_whole_prompts_in_order():
+    assert shard_prompts(5, 2) == [(0, 3), (3, 5)]
+    assert shard_prompts(2, 4) == [(0, 1), (1, 2)]  # fewer prompts than workers: idle workers get nothing
+    assert shard_prompts(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+def test_sampling_config_seeds_and_validation():
+    sampling = SamplingConfig(n=4, seed=10, stop=["x"])
+    assert sampling.stop == ("x",)
+    assert [sampling.sample_seed(p, i) for p in range(2) for i in range(4)] == list(range(10, 18))
+    assert SamplingConfig().sample_seed(3, 1) is None
+    for bad in ({"top_p": 0.0}, {"top_k": -1}, {"max_tokens": 0}, {"n": 0}):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
