@@ -61,10 +61,13 @@ def _future_sum_2d(x: torch.Tensor, gamma: float, block_size: int) -> torch.Tens
     blocks = x.view(n, num_blocks, k)
     local = blocks @ _decay_matrix(k, gamma, x.dtype, x.device)  # [N, nb, K] sums within each block
     gamma_k = gamma**k
-    if gamma_k == 0.0:  # the decay underflows before reaching the next block: nothing is carried
-        return local.view(n, num_blocks * k)[:, :t]
-    # starts[:, b] = F at the first position of block b (the whole future, recursively).
-    starts = _future_sum_2d(local[:, :, 0].contiguous(), gamma_k, block_size)
+    heads = local[:, :, 0]  # each block's sum discounted to its first position
+    if gamma_k == 0.0:
+        # γ^K underflows: a block's start only reaches the tail of the block before it, never further back.
+        starts = heads
+    else:
+        # starts[:, b] = F at the first position of block b (the whole future, recursively).
+        starts = _future_sum_2d(heads.contiguous(), gamma_k, block_size)
     # F at the start of the next block (0 after the last one).
     carry = torch.nn.functional.pad(starts[:, 1:], (0, 1))
     exponents = torch.arange(k, 0, -1, dtype=torch.float64, device=x.device)  # K − j for local position j
