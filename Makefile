@@ -47,8 +47,10 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The CPU benchmarks (bench/gpu_suite.py is the GPU measurement suite: see bench/RESULTS.md).
+BENCHES := future_kl rollout reward learner weight_sync
 bench: setup
-	@for b in bench/[a-z]*.py; do m=$${b%.py}; echo "== python -m $${m//\//.}"; $(PY) -m $${m//\//.} || exit 1; done
+	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(PY) -m bench.$$b || exit 1; done
 
 demo: setup
 	$(PY) -m orchestration.demo algorithm=$(ALGO) $(DEMO_ARGS)

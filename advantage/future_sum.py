@@ -18,7 +18,9 @@ deliberately not used: γ^(−t) overflows float32 at T = 20480 (FIPO_SPEC §8.2
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 
@@ -76,12 +78,42 @@ def _future_sum_2d(x: torch.Tensor, gamma: float, block_size: int) -> torch.Tens
     return local.view(n, num_blocks * k)[:, :t]
 
 
+BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the Triton kernel module imports (triton installed; checked once per process)."""
+    try:
+        import advantage.future_sum_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_triton_failure: list[str] = []  # set once the kernel failed to compile or launch under backend="auto"
+
+
+def _use_triton(values: torch.Tensor, backend: str) -> bool:
+    """The dispatch rule of `discounted_future_sum` (see its `backend` argument)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        needs_grad = values.requires_grad and torch.is_grad_enabled()
+        if _triton_failure or not (values.is_cuda and values.dtype in _TRITON_DTYPES and not needs_grad):
+            return False
+        return triton_available()
+    return backend == "triton"
+
+
 def discounted_future_sum(
     values: torch.Tensor,
     gamma: float,
     mask: torch.Tensor | None = None,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """F[..., t] = Σ_{k≥t} γ^(k−t) · mask[..., k] · values[..., k], inclusive of t.
 
@@ -91,7 +123,14 @@ def discounted_future_sum(
         gamma: the per-token decay, 0 ≤ γ ≤ 1 (FIPO: γ = 2^(−1/decay_rate); see `gamma_from_decay_rate`).
         mask: optional [B, T] tensor (bool or 0/1), True/1 where a position contributes. Masked positions
             contribute nothing; with right padding F is then 0 on padding.
-        block_size: width K of the blocked scan (a tuning knob only: every K gives the same result).
+        block_size: width K of the blocked scan (a tuning knob only: every K gives the same result). The
+            Triton kernel ignores it.
+        backend: "auto" (default): the Triton kernel (advantage/future_sum_triton.py) when `values` is a CUDA
+            tensor of float32/float16/bfloat16, autograd is not recording through `values`, and triton
+            imports; the torch path below otherwise (always on CPU; it is the reference). If the kernel
+            raises under "auto" (say it fails to compile), a RuntimeWarning says so once and the process
+            uses the torch path from then on. "torch" forces the
+            torch path; "triton" forces the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
     Returns:
         [B, T] tensor of the input's dtype. Differentiable (plain matmuls and adds), though FIPO calls it
@@ -103,10 +142,25 @@ def discounted_future_sum(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if values.dim() == 0:
         raise ValueError("values must have a time axis (shape [..., T])")
+    if mask is not None and mask.shape != values.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}")
+    if _use_triton(values, backend):
+        from advantage.future_sum_triton import future_sum_triton
+
+        try:
+            return future_sum_triton(values, float(gamma), mask)
+        except Exception as error:  # a kernel that fails to compile or launch must not stop training
+            if backend == "triton":
+                raise
+            _triton_failure.append(f"{type(error).__name__}: {error}")
+            warnings.warn(
+                f"discounted_future_sum: the Triton kernel failed ({_triton_failure[0]}); using the torch path "
+                "from now on in this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     x = values
     if mask is not None:
-        if mask.shape != values.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}")
         x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
     out_dtype = x.dtype
     if x.dtype not in (torch.float32, torch.float64):

@@ -113,9 +113,9 @@ def prepare_model(cfg: TrainConf) -> str:
             seed=cfg.seed,
         )
     if m.warm_start_steps > 0:
-        from orchestration.warm_start import WarmStartConfig, warm_start
+        from orchestration.warm_start import WarmStartConfig, warm_start, with_shortcuts
 
-        examples = warm_start_examples(cfg)
+        examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, cfg.seed)
         recipe = WarmStartConfig(
             steps=m.warm_start_steps,
             lr=m.warm_start_lr,

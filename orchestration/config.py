@@ -113,6 +113,10 @@ class ModelConf:
     """Warm-start: (prompt, solution) pairs per optimizer step."""
     warm_start_warmup_steps: int = 20
     """Warm-start: linear lr warm-up, optimizer steps."""
+    warm_start_shortcut_frac: float = 0.0
+    """Warm-start: fraction of examples (seeded) whose target is only the solution's last line (the answer,
+    no worked chain), so that the warm-started model has two habits, reasoning first or answering at once, and
+    RL learns which one pays (for the demo's tiny model: answering at once). 0 = always the full solution."""
     warm_start_dir: str = "outputs/models/warm_start"
     """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
 
@@ -121,6 +125,7 @@ class ModelConf:
         _check(self.warm_start_lr > 0, "model.warm_start_lr", f"must be > 0, got {self.warm_start_lr}")
         _check(self.warm_start_batch_prompts >= 1, "model.warm_start_batch_prompts", "must be >= 1")
         _check(self.warm_start_warmup_steps >= 0, "model.warm_start_warmup_steps", "must be >= 0")
+        _check(0.0 <= self.warm_start_shortcut_frac <= 1.0, "model.warm_start_shortcut_frac", "must be in [0, 1]")
 
 
 @dataclass

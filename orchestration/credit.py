@@ -214,22 +214,26 @@ def render_html(traces: Sequence[Trace], config: FIPOLossConfig, title: str) -> 
     for i, trace in enumerate(traces):
         f_max = max((abs(v) for v in trace.future_kl), default=0.0)
         prompt = " / ".join(m["content"] for m in trace.messages)
-        reward = "" if trace.reward is None else f" · reward {trace.reward:+g} (truth {html.escape(trace.ground_truth)})"
+        reward = (
+            "" if trace.reward is None else f" · reward {trace.reward:+g} (truth {html.escape(trace.ground_truth)})"
+        )
         parts.append(f"<div class='trace' id='trace-{i}'><h3>trace {i}: {html.escape(prompt)}{reward}</h3>")
-        for row, values, colour in (
-            ("by f (influence weight)", trace.weights, lambda v: _diverging(v - 1.0, f_scale)),
-            ("by F (future-KL)", trace.future_kl, lambda v: _diverging(v, f_max)),
+        for row, values, shift, scale in (
+            ("by f (influence weight)", trace.weights, 1.0, f_scale),
+            ("by F (future-KL)", trace.future_kl, 0.0, f_max),
         ):
             parts.append(f"<div class='row'><span class='lab'>{row}</span>")
             for t, token in enumerate(trace.tokens):
                 d, fk, w = trace.delta[t], trace.future_kl[t], trace.weights[t]
                 tip = (
                     f"token {t} {token!r}: log π_old {trace.old_log_probs[t]:.4f}, log π_θ {trace.new_log_probs[t]:.4f}"
-                    f", Δ {d:+.5f}, F {fk:+.5f}, f {w:.5f}" + ("" if trace.participates[t] else " (filtered: ratio > c)")
+                    f", Δ {d:+.5f}, F {fk:+.5f}, f {w:.5f}"
+                    + ("" if trace.participates[t] else " (filtered: ratio > c)")
                 )
                 cls = "tok" if trace.participates[t] else "tok filtered"
+                background = _diverging(values[t] - shift, scale)
                 parts.append(
-                    f"<span class='{cls}' style='background:{colour(values[t])}' title='{html.escape(tip)}' "
+                    f"<span class='{cls}' style='background:{background}' title='{html.escape(tip)}' "
                     f"data-t='{t}' data-delta='{d!r}' data-future-kl='{fk!r}' data-weight='{w!r}'>"
                     f"{_show(token)}</span>"
                 )
@@ -363,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(record, indent=1))
     for trace in traces:
         print(
-            f"{trace.messages[-1]['content']!r}: {len(trace.tokens)} tokens, Δ mean {sum(trace.delta) / len(trace.delta):+.4f}, "
+            f"{trace.messages[-1]['content']!r}: {len(trace.tokens)} tokens, "
+            f"Δ mean {sum(trace.delta) / len(trace.delta):+.4f}, "
             f"F [{min(trace.future_kl):+.4f}, {max(trace.future_kl):+.4f}], f [{min(trace.weights):.4f}, "
             f"{max(trace.weights):.4f}]"
         )

@@ -10,6 +10,13 @@ output directory (outputs/demo, or outputs/demo_<algorithm> for another algorith
     credit/        FIPO's token credit between the last two checkpoints (orchestration/credit.py)
     wandb/         the offline wandb run (written by the trainer; `wandb sync` uploads it)
 
+The default task and schedule (conf/config.yaml, conf/model/tiny.yaml, conf/data/synthetic.yaml): 3-4 single-
+digit numbers; a 250-step warm-start whose targets are the worked chain for half of the problems and the bare
+answer line for the other half (model.warm_start_shortcut_frac), which starts the model near 20% held-out
+accuracy; 60 RL steps of 16 prompts × 8 samples (≈ 2.5 s each on 2 cores). Measured: 20% → 63% (FIPO) and
+20% → 65% (DAPO); RL learns that the direct answer is the more accurate habit for this tiny model (responses
+shrink from ~20 to ~11 tokens). See the README for the numbers.
+
 "Initial" is the model after the warm-start and before RL (the trainer's evaluation before step 0), "final"
 the evaluation after the last step, both on the task's held-out split. The demo starts fresh: a previous
 run in the same output directory is removed first (pass trainer.resume=auto to continue it instead).

@@ -8,6 +8,9 @@ transformers + torch on the CPU, next-token cross-entropy on the assistant token
     chat_template(prompt, add_generation_prompt=True) + solution + <eos>
     └──────────── labels -100 (no loss) ────────────┘ └─── loss ────┘
 
+`with_shortcuts` optionally replaces a seeded fraction of the targets by their answer line alone ("Answer: 60"),
+so that the warm-started model sometimes answers without reasoning (the demo's starting point: two habits,
+and RL learns which one pays; for the demo's ~1M-parameter model it is, measured, the direct answer).
 AdamW with linear warm-up and cosine decay; batches drawn with a seeded generator, so the result is
 deterministic from (base model, rows, config) on a given machine and thread count.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import shutil
 import sys
 import time
@@ -79,6 +83,19 @@ def _model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def with_shortcuts(
+    examples: Sequence[tuple[Sequence[dict], str]], fraction: float, seed: int
+) -> list[tuple[Sequence[dict], str]]:
+    """Replace the worked solution of a seeded `fraction` of the examples by its last line alone (the answer
+    line, e.g. "Answer: 60"): a warm-started model then sometimes answers without reasoning first. Which habit
+    is more often right depends on the model and task; RL finds out (for the demo's tiny model: the direct
+    answer)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"shortcut fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(f"warm-start-shortcuts:{seed}")
+    return [(m, s.strip().splitlines()[-1] if rng.random() < fraction else s) for m, s in examples]
+
+
 def cache_key(base_model: str | Path, examples: Sequence[tuple[Sequence[dict], str]], config: WarmStartConfig) -> str:
     """The cache key: sha256 of the base model's files, the (prompt messages, solution) pairs and the config."""
     digest = hashlib.sha256()
@@ -134,7 +151,9 @@ def train_sft(model, tokenizer, examples: Sequence[tuple[Sequence[dict], str]], 
         torch.set_num_threads(threads)
 
 
-def _train_sft(model, tokenizer, examples: Sequence[tuple[Sequence[dict], str]], config: WarmStartConfig) -> list[float]:
+def _train_sft(
+    model, tokenizer, examples: Sequence[tuple[Sequence[dict], str]], config: WarmStartConfig
+) -> list[float]:
     import torch
 
     encoded = encode_examples(tokenizer, examples)

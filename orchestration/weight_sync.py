@@ -2,11 +2,12 @@
 
 Transport on CPU (and the default everywhere): the Ray object store. The learner cuts the weights into
 buckets of about `bucket_bytes`; for each bucket every rank sends its FSDP2 shards to rank 0 (one batch of
-point-to-point transfers, received straight into the full tensors) and rank 0's task returns the bucket as `list[tuple[str, Tensor]]` (Hugging Face names, full tensors), which
-Ray stores in the object store. The bucket refs exist before the buckets do, so they go to
-`RolloutGroup.update_weights` at once and its workers fetch, load and release one bucket at a time while the
-learner gathers the next: gathering and loading overlap. The model is never held as one dictionary: at most
-the object store's one copy plus a bucket or two per process.
+point-to-point transfers, received straight into the full tensors) and rank 0's task returns the bucket as
+`list[tuple[str, Tensor]]` (Hugging Face names, full tensors), which Ray stores in the object store. The
+bucket refs exist before the buckets do, so they go to `RolloutGroup.update_weights` at once and its workers
+fetch, load and release one bucket at a time while the learner gathers the next: gathering and loading
+overlap. The model is never held as one dictionary: at most the object store's one copy plus a bucket or two
+per process.
 
 GPU design (not run here: no GPU on the development machine). The object-store path works unchanged on GPUs
 (rank 0 copies each gathered bucket to host memory; the engines copy it back to the device), at roughly

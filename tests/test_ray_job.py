@@ -84,7 +84,8 @@ def test_ray_job_submit_runs_two_training_steps(head, tmp_path):
         "algorithm.group_size=4 algorithm.train_batch_prompts=4 algorithm.gen_batch_prompts=4 "
         "algorithm.mini_batch_prompts=2 algorithm.filter_groups=false algorithm.overlong_buffer_tokens=8 "
         "rollout.max_response_tokens=16 data.synthetic_train_prompts=32 data.synthetic_val_prompts=2 "
-        "trainer.eval_samples=2 trainer.total_steps=2 "
+        "trainer.eval_samples=2 trainer.total_steps=2 model.warm_start_steps=0 model.tiny_hidden_size=64 "
+        "model.tiny_layers=2 model.tiny_heads=2 model.tiny_kv_heads=1 model.tiny_intermediate_size=128 "
         f"trainer.output_dir={out} model.tiny_dir={tmp_path / 'tiny'}"
     )
     deadline = time.monotonic() + 120

@@ -33,6 +33,13 @@ SMALL = [
     "trainer.eval_every=2",
     "learner.lr=1e-3",
     "learner.warmup_steps=0",
+    # the smallest model, untrained: independent of the demo's defaults (size, warm-start)
+    "model.tiny_hidden_size=64",
+    "model.tiny_layers=2",
+    "model.tiny_heads=2",
+    "model.tiny_kv_heads=1",
+    "model.tiny_intermediate_size=128",
+    "model.warm_start_steps=0",
 ]
 # Keys that measure time, not what the run computed.
 TIMING_PREFIXES = (
