@@ -23,7 +23,7 @@ from orchestration.checkpoint import CheckpointManager
 from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.sampling import OverlongShaping
-from orchestration.sizes import DerivedSizes, derive_sizes
+from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
 from orchestration.tasks import make_rows, write_jsonl
 from reward.group import RewardService
 from rollout.group import RolloutGroup
@@ -99,6 +99,11 @@ def prepare_model(cfg: TrainConf) -> str:
     m = cfg.model
     if m.path:
         path = m.path
+        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(
+                f"model.path: {path!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1): "
+                "download the model first and point model.path at it"
+            )
     else:
         from rollout.tiny import build_tiny_model
 
@@ -156,11 +161,19 @@ def warm_start_examples(cfg: TrainConf) -> list[tuple[list[dict], str]]:
     return [(messages, solution) for messages, solution, _ in rows]
 
 
+def _load_files(key: str, paths: list[str]) -> list[PromptRow]:
+    """Rows of the files under config key `key`; a missing file is a ConfigError naming the key and file."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: file(s) not found: {missing} (relative paths are from {Path.cwd()})")
+    return load_datasets(paths) if paths else []
+
+
 def load_prompt_rows(cfg: TrainConf, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow], dict[str, int]]:
     """Train and validation rows (files, or the synthetic task written under output_dir), long prompts dropped."""
     d = cfg.data
     if d.train_files:
-        train, val = load_datasets(d.train_files), (load_datasets(d.val_files) if d.val_files else [])
+        train, val = _load_files("data.train_files", d.train_files), _load_files("data.val_files", d.val_files)
     else:
         train_rows, val_rows = synthetic_rows(cfg)
         data_dir = Path(cfg.trainer.output_dir) / "data"

@@ -100,3 +100,15 @@ def test_bad_values_name_the_key(override, match):
 def test_gpu_placement_checked_against_this_machine():
     with pytest.raises(ConfigError, match="GPUs"):
         load("learner.num_gpus_per_rank=1")
+
+
+def test_missing_files_and_model_name_the_key(tmp_path, monkeypatch):
+    from orchestration.builders import load_prompt_rows, prepare_model
+
+    cfg = load(f"data.train_files=[{tmp_path}/nope.jsonl]")
+    with pytest.raises(ConfigError, match=r"data.train_files: file\(s\) not found: .*nope.jsonl"):
+        load_prompt_rows(cfg, tokenizer=None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load(f"model.path={tmp_path}/no_such_model")
+    with pytest.raises(ConfigError, match="model.path: .*no_such_model.* hub is offline"):
+        prepare_model(cfg)
