@@ -26,24 +26,14 @@ Comparing two runs is one command: `python -m orchestration.plot outputs/demo ou
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# The embedded default needs no network: the tiny model is built locally; wandb writes an offline run.
-DEMO_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+from orchestration.env import use_local_defaults
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -89,8 +79,7 @@ def accuracy_summary(rows: Sequence[dict]) -> dict[str, float | None]:
 
 def run_demo(overrides: Sequence[str]) -> dict:
     """Train, then summarise, plot and draw the token credit; returns the summary."""
-    for key, value in DEMO_ENV.items():
-        os.environ.setdefault(key, value)
+    use_local_defaults()  # the embedded default needs no network: offline hub and wandb, in-process vLLM
     from orchestration.credit import main as credit_main
     from orchestration.plot import plot_runs
     from orchestration.train import train

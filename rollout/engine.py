@@ -157,6 +157,19 @@ def bucket_nbytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for _, t in bucket)
 
 
+def stream_weight_update(engine: Engine, named_tensors: NamedTensors, policy_version: int) -> None:
+    """The update lifecycle every engine shares: begin, load bucket by bucket, finish (new version); on any
+    failure the update is aborted (the version stays) and the error re-raised."""
+    engine.begin_weight_update()
+    try:
+        for bucket in iter_buckets(named_tensors):
+            engine.load_weight_bucket(bucket)
+    except BaseException:
+        engine.abort_weight_update()
+        raise
+    engine.finish_weight_update(policy_version)
+
+
 # Functions run on vLLM's worker(s) through collective_rpc (module-level so they pickle by reference when
 # the engine runs its workers in other processes).
 def _worker_begin_weight_update(worker) -> None:
@@ -340,14 +353,7 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
 
     def update_weights(self, named_tensors: NamedTensors, policy_version: int) -> None:
-        self.begin_weight_update()
-        try:
-            for bucket in iter_buckets(named_tensors):
-                self.load_weight_bucket(bucket)
-        except BaseException:
-            self.abort_weight_update()
-            raise
-        self.finish_weight_update(policy_version)
+        stream_weight_update(self, named_tensors, policy_version)
 
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)

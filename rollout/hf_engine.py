@@ -18,9 +18,9 @@ from rollout.engine import (
     NamedTensors,
     bucket_nbytes,
     check_prompt_lengths,
-    iter_buckets,
     render_prompts,
     resolve_model_path,
+    stream_weight_update,
 )
 from rollout.types import LogprobsMode, Prompt, Sample, SamplingConfig
 
@@ -192,14 +192,7 @@ class HFEngine:
         self._update_active = False
 
     def update_weights(self, named_tensors: NamedTensors, policy_version: int) -> None:
-        self.begin_weight_update()
-        try:
-            for bucket in iter_buckets(named_tensors):
-                self.load_weight_bucket(bucket)
-        except BaseException:
-            self.abort_weight_update()
-            raise
-        self.finish_weight_update(policy_version)
+        stream_weight_update(self, named_tensors, policy_version)
 
     def shutdown(self) -> None:
         self.model = None
