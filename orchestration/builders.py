@@ -22,6 +22,7 @@ from orchestration import stacks
 from orchestration.checkpoint import CheckpointManager
 from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
+from orchestration.env import LOCAL_DEFAULTS
 from orchestration.sampling import OverlongShaping
 from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
 from orchestration.tasks import make_rows, write_jsonl
@@ -31,15 +32,10 @@ from rollout.types import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-# Environment every Ray worker of a run needs (offline hub, in-process vLLM engine core, small KV cache).
-WORKER_ENV = (
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "VLLM_ENABLE_V1_MULTIPROCESSING",
-    "VLLM_CPU_KVCACHE_SPACE",
-    "TOKENIZERS_PARALLELISM",
-    "WANDB_MODE",
-)
+# Environment every Ray worker of a run inherits from the driver: the local defaults (offline hub and wandb,
+# in-process vLLM engine core, small KV cache) as the user set them, but not Ray's own variables (auth mode
+# and usage stats belong to the cluster, not to its workers).
+WORKER_ENV = tuple(key for key in LOCAL_DEFAULTS if not key.startswith("RAY_"))
 
 
 def sizes_from_config(cfg: TrainConf) -> DerivedSizes:
