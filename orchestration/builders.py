@@ -135,8 +135,8 @@ def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
         d.synthetic_train_prompts,
         d.synthetic_val_prompts,
         seed=cfg.seed,
-        min_terms=d.synthetic_min_terms,
-        max_terms=d.synthetic_max_terms,
+        min_steps=d.synthetic_min_steps,
+        max_steps=d.synthetic_max_steps,
         max_value=d.synthetic_max_value,
     )
 

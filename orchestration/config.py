@@ -116,7 +116,7 @@ class ModelConf:
     warm_start_shortcut_frac: float = 0.0
     """Warm-start: fraction of examples (seeded) whose target is only the solution's last line (the answer,
     no worked chain), so that the warm-started model has two habits, reasoning first or answering at once, and
-    RL learns which one pays (for the demo's tiny model: answering at once). 0 = always the full solution."""
+    RL learns which one pays (on the built-in task: reasoning first). 0 = always the full solution."""
     warm_start_dir: str = "outputs/models/warm_start"
     """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
 
@@ -133,7 +133,7 @@ class DataConf:
     """Prompt datasets in verl's DAPO-Math schema, or the built-in synthetic task."""
 
     train_files: list[str] = field(default_factory=list)
-    """Training .jsonl/.parquet files; empty = the built-in synthetic addition task."""
+    """Training .jsonl/.parquet files; empty = the built-in synthetic arithmetic task."""
     val_files: list[str] = field(default_factory=list)
     """Evaluation files; empty with an empty train_files = the synthetic task's held-out split."""
     max_prompt_tokens: int = 2048
@@ -144,19 +144,21 @@ class DataConf:
     """Synthetic task: training problems."""
     synthetic_val_prompts: int = 200
     """Synthetic task: held-out problems."""
-    synthetic_min_terms: int = 2
-    """Synthetic task: at least this many numbers to add (at least 2)."""
-    synthetic_max_terms: int = 4
-    """Synthetic task: at most this many numbers to add (at least synthetic_min_terms)."""
-    synthetic_max_value: int = 50
-    """Synthetic task: numbers are drawn from 1..this."""
+    synthetic_min_steps: int = 3
+    """Synthetic task: at least this many operations per problem (at least 1)."""
+    synthetic_max_steps: int = 4
+    """Synthetic task: at most this many operations per problem (at least synthetic_min_steps)."""
+    synthetic_max_value: int = 30
+    """Synthetic task: every intermediate value stays in 0..this (at least 9, the largest start value)."""
 
     def __post_init__(self) -> None:
         _check(
-            2 <= self.synthetic_min_terms <= self.synthetic_max_terms,
-            "data.synthetic_min_terms/synthetic_max_terms",
-            f"need 2 <= min <= max, got {self.synthetic_min_terms}, {self.synthetic_max_terms}",
+            1 <= self.synthetic_min_steps <= self.synthetic_max_steps,
+            "data.synthetic_min_steps/synthetic_max_steps",
+            f"need 1 <= min <= max, got {self.synthetic_min_steps}, {self.synthetic_max_steps}",
         )
+        max_value = self.synthetic_max_value
+        _check(max_value >= 9, "data.synthetic_max_value", f"must be >= 9 (the largest start value), got {max_value}")
 
 
 @dataclass

@@ -268,7 +268,8 @@ def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
-    fig.suptitle(f"{title}  (τ = {config.decay_rate:g}, c = {config.clip_c:g}, ε_f = {config.weight_clip:g})")
+    params = f"τ = {config.decay_rate:g}, c = {config.clip_c:g}, ε_f = {config.weight_clip:g}"
+    fig.suptitle(f"{title}\n({params})", fontsize=10, wrap=True)  # long checkpoint paths wrap, not clip
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

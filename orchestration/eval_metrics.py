@@ -6,6 +6,17 @@ from collections import Counter
 from collections.abc import Sequence
 from math import comb
 
+# The headline numbers of an evaluation report that become flat metrics (eval/<key>), in this order.
+EVAL_METRIC_KEYS = (
+    "avg_at_k",
+    "cons_at_k",
+    "pass_at_k",
+    "response_length_mean",
+    "answer_first_frac",
+    "answer_first_accuracy",
+    "reasoned_accuracy",
+)
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al. 2021): 1 − C(n − c, k) / C(n, k) for n samples of which c are correct."""

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestration.data import PromptRow, drop_long_prompts, load_datasets
-from orchestration.eval_metrics import majority_correct, pass_at_k, summarize
+from orchestration.eval_metrics import EVAL_METRIC_KEYS, majority_correct, pass_at_k, summarize
+from reward.extract import answers_at_once
 from rollout.types import Sample, SamplingConfig
 
 
@@ -66,8 +67,10 @@ def evaluate_rows(
     on_progress:   called with (problems done, problems total) after every chunk.
     Returns the metrics `avg_at_k`, `cons_at_k`, `pass_at_k`, `k`, `problems`, `samples`,
     `response_length_mean` (tokens), `truncated_frac` (finish reason "length"), `no_answer_frac` (nothing
-    extracted), and `per_problem`: [{source, ground_truth, correct (count), majority_answer, majority_correct,
-    pass_at_k}] in row order.
+    extracted), `answer_first_frac` (responses that answer with no reasoning before it,
+    reward.extract.answers_at_once), `answer_first_accuracy` and `reasoned_accuracy` (the accuracy of those
+    responses and of all others; None when there are none), and `per_problem`: [{source, ground_truth,
+    correct (count), majority_answer, majority_correct, pass_at_k}] in row order.
     """
     if not rows:
         raise ValueError("evaluate_rows: no problems")
@@ -75,6 +78,7 @@ def evaluate_rows(
     chunk = chunk_prompts or len(rows)
     problems: list[tuple[list[str | None], list[bool]]] = []
     lengths: list[int] = []
+    at_once: list[tuple[bool, bool]] = []  # (answered at once, correct) per sample
     truncated = 0
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
@@ -90,6 +94,7 @@ def evaluate_rows(
             chunk_problems[sample.prompt_index][0].append(result.extracted)
             chunk_problems[sample.prompt_index][1].append(bool(result.correct))
             lengths.append(len(sample.response_ids))
+            at_once.append((answers_at_once(sample.text), bool(result.correct)))
             truncated += sample.finish_reason == "length"
         problems.extend(chunk_problems)
         if on_progress is not None:
@@ -119,15 +124,21 @@ def evaluate_rows(
         "response_length_mean": sum(lengths) / len(lengths),
         "truncated_frac": truncated / len(lengths),
         "no_answer_frac": sum(a is None for a in answers_all) / len(answers_all),
+        "answer_first_frac": sum(first for first, _ in at_once) / len(at_once),
+        "answer_first_accuracy": _mean([correct for first, correct in at_once if first]),
+        "reasoned_accuracy": _mean([correct for first, correct in at_once if not first]),
         "per_problem": per_problem,
     }
 
 
+def _mean(values: Sequence[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def eval_metrics(report: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
-    """The numeric headline of a report as flat metrics: eval/avg_at_k, eval/cons_at_k, eval/pass_at_k,
-    eval/response_length_mean."""
-    keys = ("avg_at_k", "cons_at_k", "pass_at_k", "response_length_mean")
-    return {f"{prefix}{key}": float(report[key]) for key in keys}
+    """The numeric headline of a report as flat metrics (eval/avg_at_k, ..., see EVAL_METRIC_KEYS); a value
+    that is None (e.g. the accuracy of answer-first responses when there were none) is left out."""
+    return {f"{prefix}{key}": float(report[key]) for key in EVAL_METRIC_KEYS if report.get(key) is not None}
 
 
 def _progress_printer(label: str) -> Callable[[int, int], None]:
@@ -223,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "max_prompt_tokens": args.max_prompt_tokens,
         "wall_seconds": time.monotonic() - start,
     } | report
-    headline = {k: report[k] for k in ("avg_at_k", "cons_at_k", "pass_at_k", "k", "problems", "response_length_mean")}
+    keys = ("avg_at_k", "cons_at_k", "pass_at_k", "k", "problems", "response_length_mean", "answer_first_frac")
+    headline = {k: report[k] for k in keys}
     print(json.dumps(headline), flush=True)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

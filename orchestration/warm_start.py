@@ -2,15 +2,15 @@
 
 A random tiny model never answers right, and RL with outcome rewards learns nothing from groups that are
 all wrong (dynamic sampling drops them). The demo therefore first fine-tunes the model on the task's worked
-chains (`extra_info.solution` of each training row, e.g. "17+5=22\\n22+38=60\\nAnswer: 60"): plain
+chains (`extra_info.solution` of each training row, e.g. "7+3=10\\n10*2=20\\nAnswer: 20"): plain
 transformers + torch on the CPU, next-token cross-entropy on the assistant tokens only, i.e. on
 
     chat_template(prompt, add_generation_prompt=True) + solution + <eos>
     └──────────── labels -100 (no loss) ────────────┘ └─── loss ────┘
 
-`with_shortcuts` optionally replaces a seeded fraction of the targets by their answer line alone ("Answer: 60"),
+`with_shortcuts` optionally replaces a seeded fraction of the targets by their answer line alone ("Answer: 20"),
 so that the warm-started model sometimes answers without reasoning (the demo's starting point: two habits,
-and RL learns which one pays; for the demo's ~1M-parameter model it is, measured, the direct answer).
+and RL learns which one pays; on the built-in task it is, measured, the worked chain).
 AdamW with linear warm-up and cosine decay; batches drawn with a seeded generator, so the result is
 deterministic from (base model, rows, config) on a given machine and thread count.
 
@@ -87,9 +87,8 @@ def with_shortcuts(
     examples: Sequence[tuple[Sequence[dict], str]], fraction: float, seed: int
 ) -> list[tuple[Sequence[dict], str]]:
     """Replace the worked solution of a seeded `fraction` of the examples by its last line alone (the answer
-    line, e.g. "Answer: 60"): a warm-started model then sometimes answers without reasoning first. Which habit
-    is more often right depends on the model and task; RL finds out (for the demo's tiny model: the direct
-    answer)."""
+    line, e.g. "Answer: 20"): a warm-started model then sometimes answers without reasoning first. Which habit
+    is more often right depends on the model and task; RL finds out (on the built-in task: the worked chain)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"shortcut fraction must be in [0, 1], got {fraction}")
     rng = random.Random(f"warm-start-shortcuts:{seed}")

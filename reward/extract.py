@@ -73,6 +73,13 @@ def extract_answer(response: str, tail_chars: int = DAPO_TAIL_CHARS) -> str | No
     return None
 
 
+def answers_at_once(response: str) -> bool:
+    """True when the response states its answer with nothing before it (no reasoning first): its first
+    "Answer:" comes before any other text (whitespace and markdown emphasis aside)."""
+    first = _ANSWER_RE.search(response)
+    return first is not None and not response[: first.start()].strip(" \t\r\n*_#")
+
+
 def answer_line(text: str) -> str | None:
     """The text after the last "Answer:" up to the end of its line (skipping whitespace right after the
     colon, so "Answer:\\n204" gives "204"), or None when there is no "Answer:"."""

@@ -81,7 +81,7 @@ def html_values(page, trace):
 
 def test_html_values_match_an_independent_float64_computation(checkpoints, tmp_path):
     old, new, _ = checkpoints
-    messages = [{"role": "user", "content": "Add the numbers: 17 5 8"}]
+    messages = [{"role": "user", "content": "Compute left to right: 17 +5 +8"}]
     response = "17+5=22\n22+8=30\nAnswer: 30"
     traces = tmp_path / "traces.jsonl"
     traces.write_text(json.dumps({"messages": messages, "response": response, "ground_truth": "30"}) + "\n")

@@ -42,7 +42,7 @@ def test_loss_only_on_the_assistant_tokens(tiny):
 
     tok = AutoTokenizer.from_pretrained(tiny)
     ex = [
-        ([{"role": "user", "content": "Add the numbers: 1 2"}], "1+2=3\nAnswer: 3"),
+        ([{"role": "user", "content": "Compute left to right: 1 +2"}], "1+2=3\nAnswer: 3"),
         ([{"role": "user", "content": "x"}], "y"),
     ]
     (ids0, p0), (ids1, p1) = encode_examples(tok, ex)

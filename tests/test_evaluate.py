@@ -14,6 +14,7 @@ import torch
 from orchestration.data import PromptRow, load_rows
 from orchestration.evaluate import eval_metrics, evaluate_rows
 from orchestration.tasks import make_rows, write_jsonl
+from reward.extract import answers_at_once
 from rollout.types import Sample, SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,12 +73,32 @@ def test_estimators_match_hand_computed_values():
     assert [p["correct"] for p in report["per_problem"]] == [2, 1, 0]
     assert [p["majority_answer"] for p in report["per_problem"]] == ["5", "8", None]
     assert (report["k"], report["problems"], report["samples"]) == (4, 3, 12)
+    assert report["answer_first_frac"] == 0.0 and report["answer_first_accuracy"] is None
+    assert report["reasoned_accuracy"] == pytest.approx(3 / 12)
     assert set(eval_metrics(report)) == {
         "eval/avg_at_k",
         "eval/cons_at_k",
         "eval/pass_at_k",
         "eval/response_length_mean",
+        "eval/answer_first_frac",
+        "eval/reasoned_accuracy",  # eval/answer_first_accuracy is left out: no response answered at once
     }
+
+
+def test_answers_at_once_and_the_accuracy_of_each_habit():
+    assert answers_at_once("Answer: 5") and answers_at_once("\n **Answer:** 5") and answers_at_once("answer：5")
+    assert not answers_at_once("2+3=5\nAnswer: 5") and not answers_at_once("5") and not answers_at_once("")
+
+    class EndsWithTruth:
+        def score_batch(self, responses, truths, extras):
+            return [Result(r.endswith(t), r[-1:]) for r, t in zip(responses, truths)]
+
+    gen = FakeGenerator({"a": ["Answer: 5", "Answer: 4", "2+3=5\nAnswer: 5", "2+3=6\nAnswer: 6", "2+3=5\nAnswer: 5"]})
+    report = evaluate_rows(gen, EndsWithTruth(), [row("a", "5")], SamplingConfig(n=5))
+    assert report["answer_first_frac"] == pytest.approx(2 / 5)
+    assert report["answer_first_accuracy"] == pytest.approx(1 / 2)
+    assert report["reasoned_accuracy"] == pytest.approx(2 / 3)
+    assert eval_metrics(report)["eval/answer_first_accuracy"] == pytest.approx(1 / 2)
 
 
 def test_pass_at_k_uses_the_unbiased_estimator_when_n_exceeds_k():
@@ -126,7 +147,7 @@ def test_cli_end_to_end_on_a_tiny_jsonl(tmp_path, tiny_model, engine):
     data = write_jsonl(val, tmp_path / "val.jsonl")
     out = tmp_path / "report.json"
     proc = run_cli(
-        "--model", tiny_model, "--data", data, "--k", 4, "--max-response-tokens", 8, "--max-prompt-tokens", 64,
+        "--model", tiny_model, "--data", data, "--k", 4, "--max-response-tokens", 8, "--max-prompt-tokens", 96,
         "--workers", 1, "--engine", engine, "--output", out, "--chunk-prompts", 2,
     )  # fmt: skip
     report = json.loads(out.read_text())
@@ -143,12 +164,12 @@ def test_cli_end_to_end_on_a_tiny_jsonl(tmp_path, tiny_model, engine):
 
 def test_cli_skips_long_prompts_and_counts_them(tmp_path, tiny_model):
     rows = [
-        {"prompt": [{"role": "user", "content": "Add the numbers: 1 2"}], "reward_model": {"ground_truth": "3"}},
+        {"prompt": [{"role": "user", "content": "Compute left to right: 1 +2"}], "reward_model": {"ground_truth": "3"}},
         {"prompt": [{"role": "user", "content": "x" * 500}], "reward_model": {"ground_truth": "1"}},
     ]
     data = write_jsonl(rows, tmp_path / "mixed.jsonl")
     out = tmp_path / "r.json"
     run_cli("--model", tiny_model, "--data", data, "--k", 2, "--max-response-tokens", 4, "--engine", "hf",
-            "--max-prompt-tokens", 64, "--workers", 1, "--output", out)  # fmt: skip
+            "--max-prompt-tokens", 96, "--workers", 1, "--output", out)  # fmt: skip
     report = json.loads(out.read_text())
     assert report["skipped_long_prompts"] == 1 and report["problems"] == 1

@@ -70,9 +70,9 @@ def test_missing_file_and_bad_suffix(tmp_path):
 def test_drop_long_prompts_counts(tmp_path):
     rows, _ = make_rows(10, 0, seed=1)
     parsed = load_rows(write_jsonl(rows, tmp_path / "rows.jsonl"))
-    kept, dropped = drop_long_prompts(parsed, lambda r: len(r.messages[0]["content"]), 24)
-    assert dropped == sum(len(r["prompt"][0]["content"]) > 24 for r in rows)
-    assert len(kept) + dropped == 10
+    kept, dropped = drop_long_prompts(parsed, lambda r: len(r.messages[0]["content"]), 34)
+    assert dropped == sum(len(r["prompt"][0]["content"]) > 34 for r in rows) and 0 < dropped < 10
+    assert len(kept) + dropped == 10 and all(len(r.messages[0]["content"]) <= 34 for r in kept)
     with pytest.raises(DataError, match="max_prompt_tokens=1"):
         drop_long_prompts(parsed, lambda r: 100, 1)
 
@@ -94,17 +94,39 @@ def test_sampler_is_a_permutation_per_epoch_and_resumes_exactly():
         PromptSampler(8, seed=3).load_state_dict(state)
 
 
+def _left_to_right(prompt: str) -> list[int]:
+    """Independent evaluation of "Compute left to right: 7 +3 -2 *3": every intermediate value, via eval()."""
+    start, *steps = prompt.split(":", 1)[1].split()
+    values = [int(start)]
+    for step in steps:
+        values.append(eval(f"({values[-1]}){step}"))
+    return values
+
+
 def test_synthetic_task_rows_are_correct_and_disjoint():
-    train, test = make_rows(200, 50, seed=0)
+    train, test = make_rows(200, 50, seed=0, min_steps=3, max_steps=4, max_value=30)
     assert len(train) == 200 and len(test) == 50
     prompts = {r["prompt"][0]["content"] for r in train}
     assert not prompts & {r["prompt"][0]["content"] for r in test}
-    for row in train[:20]:
-        numbers = [int(x) for x in row["prompt"][0]["content"].split(":")[1].split()]
-        assert row["reward_model"]["ground_truth"] == str(sum(numbers))
-        assert row["extra_info"]["solution"].endswith(f"Answer: {sum(numbers)}")
-    assert worked_solution([17, 5, 38]) == "17+5=22\n22+38=60\nAnswer: 60"
+    ops_seen = set()
+    for row in train + test:
+        prompt = row["prompt"][0]["content"]
+        values = _left_to_right(prompt)
+        assert 4 <= len(values) <= 5 and all(0 <= v <= 30 for v in values), prompt
+        ops_seen |= {step[0] for step in prompt.split(":", 1)[1].split()[1:]}
+        assert row["reward_model"]["ground_truth"] == str(values[-1])
+        *chain, answer = row["extra_info"]["solution"].split("\n")
+        assert answer == f"Answer: {values[-1]}"
+        assert len(chain) == len(values) - 1
+        for line, before, after in zip(chain, values, values[1:]):
+            lhs, rhs = line.split("=")
+            assert lhs.startswith(str(before)) and eval(lhs) == int(rhs) == after, (prompt, line)
+    assert ops_seen == {"+", "-", "*"}
+    chain = worked_solution((7, [("+", 3), ("-", 2), ("*", 3), ("-", 9)]))
+    assert chain == "7+3=10\n10-2=8\n8*3=24\n24-9=15\nAnswer: 15"
     assert make_rows(5, 5, seed=4) == make_rows(5, 5, seed=4)
+    with pytest.raises(ValueError, match="max_value"):
+        make_rows(5, 5, max_value=8)
 
 
 SIZES = dict(
