@@ -33,23 +33,20 @@ OPERANDS = range(2, 10)  # the single digit each operation applies
 Problem = tuple[int, list[tuple[str, int]]]  # (start value, [(operation, operand), ...])
 
 
+def chain_values(problem: Problem) -> list[int]:
+    """The start value and the value after each operation; the last one is the answer."""
+    start, steps = problem
+    values = [start]
+    for op, operand in steps:
+        values.append(OPERATIONS[op](values[-1], operand))
+    return values
+
+
 def worked_solution(problem: Problem) -> str:
     """The step-by-step chain: one "a<op>b=c" line per operation, then "Answer: <final value>"."""
-    value, steps = problem
-    lines = []
-    for op, operand in steps:
-        result = OPERATIONS[op](value, operand)
-        lines.append(f"{value}{op}{operand}={result}")
-        value = result
-    lines.append(f"Answer: {value}")
-    return "\n".join(lines)
-
-
-def final_value(problem: Problem) -> int:
-    value, steps = problem
-    for op, operand in steps:
-        value = OPERATIONS[op](value, operand)
-    return value
+    values = chain_values(problem)
+    lines = [f"{a}{op}{operand}={b}" for a, (op, operand), b in zip(values, problem[1], values[1:])]
+    return "\n".join([*lines, f"Answer: {values[-1]}"])
 
 
 def prompt_text(problem: Problem) -> str:
@@ -103,7 +100,7 @@ def make_rows(
                 "data_source": "synthetic-arithmetic",
                 "prompt": [{"role": "user", "content": prompt}],
                 "ability": "arithmetic",
-                "reward_model": {"style": "rule", "ground_truth": str(final_value(problem))},
+                "reward_model": {"style": "rule", "ground_truth": str(chain_values(problem)[-1])},
                 "extra_info": {"split": split, "index": len(rows), "solution": worked_solution(problem)},
             }
         )
