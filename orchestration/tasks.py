@@ -7,13 +7,13 @@ the worked solution writes one step per line and ends with DAPO's answer line, e
     prompt:   "Compute left to right: 7 +3 -2 *3 -9"
     solution: "7+3=10\n10-2=8\n8*3=24\n24-9=15\nAnswer: 15"
 
-Every intermediate value stays in 0..max_value, so each line is an easy fact (a small table), while the
-answer alone is a composition of several non-commuting steps that a small model cannot do in one forward
-pass: the task rewards reasoning before the answer. Measured on the demo's warm-started ~1M-parameter model
-(800 samples at temperature 1, top-p 0.7): responses that write the chain first are right 44% of the time,
-responses that answer at once 7%. (A plain sum of 3-4 digits, this task's first version, taught the
-opposite: a small model adds a few digits at once more reliably than it chains partial sums, and RL learned
-to skip the chain.)
+Every intermediate value stays in 0..max_value, so each line is an easy fact (a small table), while the answer
+alone is a composition of several non-commuting steps that a small model cannot do in one forward pass: the
+task rewards reasoning before the answer. Measured on the demo's warm-started ~1M-parameter model (`make
+demo`, seed 0, summary.json before RL; 800 samples at temperature 1, top-p 0.7): responses that write the
+chain first are right 47% of the time, responses that answer at once 8%. (A plain sum of 3-4 digits, this
+task's first version, taught the opposite: a small model adds a few digits at once more reliably than it
+chains partial sums, and RL learned to skip the chain.)
 
 Rows use the verl / DAPO-Math schema (the reward is DAPO's: the answer after the last "Answer:"), so the
 trainer handles them exactly like a public math dataset. `extra_info.solution` holds the worked chain (used by
