@@ -136,6 +136,17 @@ def check_prompt_lengths(
             )
 
 
+def generation_prompt_ids(engine, prompts: Sequence[Prompt], max_tokens: int, index_offset: int) -> list[list[int]]:
+    """What every engine's `generate` starts with: the prompts rendered to token ids (render_prompts),
+    checked against the engine's context (check_prompt_lengths), and a refusal while a weight update is in
+    progress (`engine._update_active`). `engine` needs `tokenizer`, `max_model_len` and `_update_active`."""
+    prompt_ids = render_prompts(engine.tokenizer, prompts, index_offset=index_offset)
+    check_prompt_lengths(prompt_ids, max_tokens, engine.max_model_len, index_offset=index_offset)
+    if engine._update_active:
+        raise RuntimeError("generate called during a weight update (finish_weight_update first)")
+    return prompt_ids
+
+
 def iter_buckets(
     named_tensors: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -286,10 +297,7 @@ class VLLMEngine:
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, prompt_index_offset: int = 0
     ) -> list[Sample]:
-        prompt_ids = render_prompts(self.tokenizer, prompts, index_offset=prompt_index_offset)
-        check_prompt_lengths(prompt_ids, sampling.max_tokens, self.max_model_len, index_offset=prompt_index_offset)
-        if self._update_active:
-            raise RuntimeError("generate called during a weight update (finish_weight_update first)")
+        prompt_ids = generation_prompt_ids(self, prompts, sampling.max_tokens, prompt_index_offset)
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         params = [self._sampling_params(sampling, prompt_index_offset + i) for i in range(len(prompt_ids))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -17,8 +17,7 @@ import torch
 from rollout.engine import (
     NamedTensors,
     bucket_nbytes,
-    check_prompt_lengths,
-    render_prompts,
+    generation_prompt_ids,
     resolve_model_path,
     stream_weight_update,
 )
@@ -141,10 +140,7 @@ class HFEngine:
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, prompt_index_offset: int = 0
     ) -> list[Sample]:
-        prompt_ids = render_prompts(self.tokenizer, prompts, index_offset=prompt_index_offset)
-        check_prompt_lengths(prompt_ids, sampling.max_tokens, self.max_model_len, index_offset=prompt_index_offset)
-        if self._update_active:
-            raise RuntimeError("generate called during a weight update (finish_weight_update first)")
+        prompt_ids = generation_prompt_ids(self, prompts, sampling.max_tokens, prompt_index_offset)
         samples = []
         for index, ids in enumerate(prompt_ids):
             global_index = prompt_index_offset + index
