@@ -6,6 +6,10 @@
 #   make demo    the embedded default: warm-start + FIPO on the built-in task, tiny model, CPU; then evaluate
 #                and plot into outputs/demo/.  `make demo ALGO=dapo` runs the DAPO baseline (outputs/demo_dapo);
 #                DEMO_ARGS passes Hydra overrides, e.g. `make demo DEMO_ARGS="trainer.total_steps=10"`
+#   make job     the cluster path on this machine: a local Ray head with token auth, `ray job submit` of a
+#                2-step run into outputs/job, then only that head stopped (orchestration/job.sh; JOB_ARGS
+#                passes Hydra overrides, JOB_OUT the output folder)
+# No variable needs exporting: the run's environment is in the config (cluster.env, orchestration/env.py).
 SHELL := /bin/bash
 PY    := .venv/bin/python
 UV    := .tools/bin/uv
@@ -13,19 +17,11 @@ STAMP := .venv/.installed
 # uv does not read pip's config: pass the local torch wheel folder only where the machine has one.
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links "$(PIP_FIND_LINKS)",)
 EXTRAS ?= cpu,dev
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export WANDB_MODE ?= offline
-export TOKENIZERS_PARALLELISM := false
-export VLLM_ENABLE_V1_MULTIPROCESSING := 0
-export VLLM_CPU_KVCACHE_SPACE ?= 1
-export RAY_AUTH_MODE ?= disabled
-export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 ALGO      ?= fipo
 DEMO_ARGS ?=
 
-.PHONY: setup test test-fast lint bench demo clean
+.PHONY: setup test test-fast lint bench demo job clean
 setup: $(STAMP)
 
 $(UV):
@@ -54,6 +50,9 @@ bench: setup
 
 demo: setup
 	$(PY) -m orchestration.demo algorithm=$(ALGO) $(DEMO_ARGS)
+
+job: setup
+	bash orchestration/job.sh
 
 clean:
 	rm -rf .venv .tools outputs .pytest_cache .ruff_cache

@@ -22,19 +22,20 @@ from orchestration import stacks
 from orchestration.checkpoint import CheckpointManager
 from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
-from orchestration.env import LOCAL_DEFAULTS
+from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.sampling import OverlongShaping
 from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
 from orchestration.tasks import make_rows, write_jsonl
 from reward.group import RewardService
+from reward.loader import load_reward_fn
 from rollout.group import RolloutGroup
 from rollout.types import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-# Environment every Ray worker of a run inherits from the driver: the local defaults (offline hub and wandb,
-# in-process vLLM engine core, small KV cache) as the user set them, but not Ray's own variables (auth mode
-# and usage stats belong to the cluster, not to its workers).
+# Environment every Ray worker of a run inherits from the driver, besides cluster.env: the offline defaults
+# (hub, wandb) where the user set them, but not Ray's own variables (auth mode and usage stats belong to the
+# cluster, not to its workers).
 WORKER_ENV = tuple(key for key in LOCAL_DEFAULTS if not key.startswith("RAY_"))
 
 
@@ -186,17 +187,19 @@ def load_prompt_rows(cfg: TrainConf, tokenizer: Any) -> tuple[list[PromptRow], l
     return train, val, {"data/dropped_long_train_prompts": dropped_train, "data/dropped_long_val_prompts": dropped_val}
 
 
-def ray_runtime_env(stack_dir: str | Path) -> dict:
-    """The job's runtime env: the worker environment, and the stack-dump hook (orchestration/stacks.py)."""
-    env = {key: os.environ[key] for key in WORKER_ENV if key in os.environ}
+def ray_runtime_env(stack_dir: str | Path, run_env: dict[str, str]) -> dict:
+    """The job's runtime env: the run's environment (`run_env`, from apply_env(cluster.env)) and the
+    offline defaults the driver has, and the stack-dump hook (orchestration/stacks.py)."""
+    env = {key: os.environ[key] for key in WORKER_ENV if key in os.environ} | run_env
     env[stacks.STACK_DIR_ENV] = str(Path(stack_dir).resolve())
     return {"env_vars": env, "worker_process_setup_hook": "orchestration.stacks.install"}
 
 
-def init_ray(cfg: TrainConf) -> None:
+def init_ray(cfg: TrainConf, run_env: dict[str, str]) -> bool:
+    """Start (cluster.address null) or join Ray; False when Ray was already initialised (by the caller)."""
     if ray.is_initialized():
-        return
-    runtime_env = ray_runtime_env(stack_dir(cfg))
+        return False
+    runtime_env = ray_runtime_env(stack_dir(cfg), run_env)
     if cfg.cluster.address is None:
         ray.init(
             address="local",
@@ -207,6 +210,7 @@ def init_ray(cfg: TrainConf) -> None:
         )
     else:
         ray.init(address=cfg.cluster.address, runtime_env=runtime_env)
+    return True
 
 
 def stack_dir(cfg: TrainConf) -> str:
@@ -232,17 +236,12 @@ class Run:
     shaping: OverlongShaping | None
     ckpt: CheckpointManager
     uses_reference: bool
+    owns_ray: bool = False
+    """True when build_run started (or joined) Ray itself: shutdown() then disconnects, so that the next run
+    of the same process (a sweep's next member) starts with its own runtime environment."""
 
     def sampling(self, seed: int, *, evaluation: bool = False) -> SamplingConfig:
-        r, t = self.cfg.rollout, self.cfg.trainer
-        return SamplingConfig(
-            temperature=t.eval_temperature if evaluation else r.temperature,
-            top_p=t.eval_top_p if evaluation else r.top_p,
-            top_k=0 if evaluation else r.top_k,
-            max_tokens=r.max_response_tokens,
-            n=t.eval_samples if evaluation else self.cfg.algorithm.group_size,
-            seed=seed,
-        )
+        return sampling_config(self.cfg, seed, evaluation=evaluation)
 
     def shutdown(self) -> None:
         for part in (self.rollout, self.reward, self.learner):
@@ -250,17 +249,52 @@ class Run:
                 part.shutdown()
             except Exception as err:  # shutting down after a failure must not hide the failure
                 log.warning("shutdown of %s failed: %s", type(part).__name__, err)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def sampling_config(cfg: TrainConf, seed: int, *, evaluation: bool = False) -> SamplingConfig:
+    """Training rollouts' sampling (rollout.*, algorithm.group_size) or the evaluation's (trainer.eval_*)."""
+    r, t = cfg.rollout, cfg.trainer
+    return SamplingConfig(
+        temperature=t.eval_temperature if evaluation else r.temperature,
+        top_p=t.eval_top_p if evaluation else r.top_p,
+        top_k=0 if evaluation else r.top_k,
+        max_tokens=r.max_response_tokens,
+        n=t.eval_samples if evaluation else cfg.algorithm.group_size,
+        seed=seed,
+    )
+
+
+def check_config(cfg: TrainConf) -> DerivedSizes:
+    """Build every component config that needs no model, Ray or data, so that a bad value fails in a second,
+    before the model build, the warm-start or Ray, with the config section named; returns the derived sizes.
+    (Single keys are checked by the schema's __post_init__, sizes by derive_sizes.)"""
+    sizes = sizes_from_config(cfg)
+    checks = (
+        ("algorithm / learner", lambda: learner_config(cfg, sizes, cfg.model.path or cfg.model.tiny_dir)),
+        ("rollout / algorithm.group_size", lambda: sampling_config(cfg, cfg.seed)),
+        ("trainer.eval_*", lambda: sampling_config(cfg, cfg.seed, evaluation=True)),
+        ("reward.fn", lambda: load_reward_fn(cfg.reward.fn)),
+    )
+    for keys, build in checks:
+        try:
+            build()
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"{keys}: {err}") from err
+    return sizes
 
 
 def build_run(cfg: TrainConf) -> Run:
-    """Check sizes, prepare model and data, start Ray and the actor groups."""
-    sizes = sizes_from_config(cfg)
+    """Check the config, set the run's environment, prepare model and data, start Ray and the actor groups."""
+    sizes = check_config(cfg)
+    run_env = apply_env(cfg.cluster.env)
     model_dir = prepare_model(cfg)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, val_rows, data_metrics = load_prompt_rows(cfg, tokenizer)
-    init_ray(cfg)
+    owns_ray = init_ray(cfg, run_env)
     r = cfg.rollout
     engine_kwargs: dict[str, Any] = {
         "dtype": r.dtype,
@@ -301,6 +335,8 @@ def build_run(cfg: TrainConf) -> Run:
     except BaseException:
         for part in parts:
             part.shutdown()
+        if owns_ray:
+            ray.shutdown()
         raise
     advantage = ray.remote(num_cpus=0.25)(AdvantageWorker).remote(
         cfg.algorithm.advantage_estimator, AdvantageStageConfig(norm_by_std=True)
@@ -324,4 +360,5 @@ def build_run(cfg: TrainConf) -> Run:
         else None,
         ckpt=CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_checkpoints),
         uses_reference=lcfg.uses_reference,
+        owns_ray=owns_ray,
     )

@@ -24,6 +24,18 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _positive(value: float, key: str) -> None:
+    _check(value > 0, key, f"must be > 0, got {value}")
+
+
+def _non_negative(value: float, key: str) -> None:
+    _check(value >= 0, key, f"must be >= 0, got {value}")
+
+
+def _one_of(value: Any, choices: Any, key: str) -> None:
+    _check(value in tuple(choices), key, f"must be one of {list(choices)}, got {value!r}")
+
+
 @dataclass
 class AlgorithmConf:
     """FIPO / DAPO / GRPO: the loss, the advantage estimator, batch sizes and dynamic sampling."""
@@ -77,8 +89,24 @@ class AlgorithmConf:
     """FIPO (official code): drop a sequence with ≥ 2 dual-clipped negative-advantage tokens from the loss."""
 
     def __post_init__(self) -> None:
-        _check(self.max_gen_rounds >= 1, "algorithm.max_gen_rounds", f"must be >= 1, got {self.max_gen_rounds}")
+        from advantage import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        from advantage.losses import LOSS_AGG_MODES
+
+        _one_of(self.policy_loss, POLICY_LOSSES.names(), "algorithm.policy_loss")
+        _one_of(self.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "algorithm.advantage_estimator")
+        for key in ("group_size", "train_batch_prompts", "gen_batch_prompts", "mini_batch_prompts", "max_gen_rounds"):
+            _positive(getattr(self, key), f"algorithm.{key}")
         _check(self.overlong_buffer_tokens >= 0, "algorithm.overlong_buffer_tokens", "must be >= 0")
+        _check(self.overlong_penalty_factor >= 0, "algorithm.overlong_penalty_factor", "must be >= 0")
+        _check(0 <= self.clip_low < 1, "algorithm.clip_low", f"must be in [0, 1), got {self.clip_low}")
+        _check(self.clip_high >= 0, "algorithm.clip_high", f"must be >= 0, got {self.clip_high}")
+        _check(self.clip_c is None or self.clip_c > 1, "algorithm.clip_c", f"must be > 1 or null, got {self.clip_c}")
+        _one_of(self.loss_agg_mode, LOSS_AGG_MODES, "algorithm.loss_agg_mode")
+        _check(self.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _one_of(self.kl_estimator, ("k1", "k2", "k3", "low_var_kl"), "algorithm.kl_estimator")
+        _check(self.decay_rate > 0, "algorithm.decay_rate", f"must be > 0 tokens, got {self.decay_rate}")
+        _check(0 <= self.weight_clip < 1, "algorithm.weight_clip", f"must be in [0, 1), got {self.weight_clip}")
+        _check(self.safety_threshold > 0, "algorithm.safety_threshold", f"must be > 0, got {self.safety_threshold}")
         _check(
             not (self.policy_loss == "fipo" and self.clip_c is None),
             "algorithm.clip_c",
@@ -121,10 +149,18 @@ class ModelConf:
     """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
 
     def __post_init__(self) -> None:
-        _check(self.warm_start_steps >= 0, "model.warm_start_steps", f"must be >= 0, got {self.warm_start_steps}")
-        _check(self.warm_start_lr > 0, "model.warm_start_lr", f"must be > 0, got {self.warm_start_lr}")
-        _check(self.warm_start_batch_prompts >= 1, "model.warm_start_batch_prompts", "must be >= 1")
-        _check(self.warm_start_warmup_steps >= 0, "model.warm_start_warmup_steps", "must be >= 0")
+        for key in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
+            _positive(getattr(self, key), f"model.{key}")
+        _check(
+            self.tiny_hidden_size % self.tiny_heads == 0 and self.tiny_heads % self.tiny_kv_heads == 0,
+            "model.tiny_hidden_size/tiny_heads/tiny_kv_heads",
+            f"heads must divide the hidden size and kv heads the heads, got {self.tiny_hidden_size}, "
+            f"{self.tiny_heads}, {self.tiny_kv_heads}",
+        )
+        _non_negative(self.warm_start_steps, "model.warm_start_steps")
+        _positive(self.warm_start_lr, "model.warm_start_lr")
+        _positive(self.warm_start_batch_prompts, "model.warm_start_batch_prompts")
+        _non_negative(self.warm_start_warmup_steps, "model.warm_start_warmup_steps")
         _check(0.0 <= self.warm_start_shortcut_frac <= 1.0, "model.warm_start_shortcut_frac", "must be in [0, 1]")
 
 
@@ -152,9 +188,12 @@ class DataConf:
     """Synthetic task: every intermediate value stays in 0..this (at least 9, the largest start value)."""
 
     def __post_init__(self) -> None:
+        _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
+        _positive(self.synthetic_train_prompts, "data.synthetic_train_prompts")
+        _non_negative(self.synthetic_val_prompts, "data.synthetic_val_prompts")
         _check(
             1 <= self.synthetic_min_steps <= self.synthetic_max_steps,
-            "data.synthetic_min_steps/synthetic_max_steps",
+            "data.synthetic_min_steps / data.synthetic_max_steps",
             f"need 1 <= min <= max, got {self.synthetic_min_steps}, {self.synthetic_max_steps}",
         )
         max_value = self.synthetic_max_value
@@ -190,6 +229,18 @@ class RolloutConf:
     timeout_s: float = 1800.0
     """Deadline of one generate / weight-update call, seconds; past it the run fails naming the stage."""
 
+    def __post_init__(self) -> None:
+        _one_of(self.engine, ("vllm", "hf", "auto"), "rollout.engine")
+        for key in ("num_workers", "tensor_parallel_size", "max_response_tokens", "timeout_s"):
+            _positive(getattr(self, key), f"rollout.{key}")
+        _non_negative(self.temperature, "rollout.temperature")
+        _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _non_negative(self.top_k, "rollout.top_k")
+        _one_of(self.dtype, ("auto", "float32", "bfloat16", "float16"), "rollout.dtype")
+        _check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        _non_negative(self.num_cpus_per_worker, "rollout.num_cpus_per_worker")
+        _non_negative(self.num_gpus_per_worker, "rollout.num_gpus_per_worker")
+
 
 @dataclass
 class RewardConf:
@@ -201,6 +252,10 @@ class RewardConf:
     """Reward workers (each owns an isolated child process)."""
     timeout_s: float = 10.0
     """Per-sample time limit, seconds; a sample over it gets status `timeout` and leaves the loss."""
+
+    def __post_init__(self) -> None:
+        _positive(self.num_workers, "reward.num_workers")
+        _positive(self.timeout_s, "reward.timeout_s")
 
 
 @dataclass
@@ -236,6 +291,20 @@ class LearnerConf:
     timeout_s: float = 1800.0
     """Deadline of one learner call (log-probs, update, checkpoint), seconds."""
 
+    def __post_init__(self) -> None:
+        for key in ("world_size", "lr", "micro_batch_tokens", "weight_bucket_mb", "timeout_s"):
+            _positive(getattr(self, key), f"learner.{key}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "learner.betas",
+            f"must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        for key in ("weight_decay", "grad_clip", "warmup_steps", "num_cpus_per_rank", "num_gpus_per_rank"):
+            _non_negative(getattr(self, key), f"learner.{key}")
+        _one_of(self.lr_schedule, ("constant", "cosine"), "learner.lr_schedule")
+        _check(0 <= self.min_lr_ratio <= 1, "learner.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _one_of(self.param_dtype, ("float32", "bfloat16"), "learner.param_dtype")
+
 
 @dataclass
 class TrainerConf:
@@ -262,6 +331,15 @@ class TrainerConf:
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk (older ones are deleted); 0 keeps all."""
 
+    def __post_init__(self) -> None:
+        _positive(self.total_steps, "trainer.total_steps")
+        _check(bool(self.output_dir), "trainer.output_dir", "must not be empty")
+        for key in ("save_every", "eval_every", "keep_checkpoints", "eval_temperature"):
+            _non_negative(getattr(self, key), f"trainer.{key}")
+        _positive(self.eval_samples, "trainer.eval_samples")
+        _check(0 < self.eval_top_p <= 1, "trainer.eval_top_p", f"must be in (0, 1], got {self.eval_top_p}")
+        _one_of(self.resume, ("auto", "none"), "trainer.resume")
+
 
 @dataclass
 class LoggerConf:
@@ -272,7 +350,15 @@ class LoggerConf:
     project: str = "fipo-trainer"
     """wandb project."""
     run_name: str | None = None
-    """wandb run name; null = "<algorithm>-<output_dir name>"."""
+    """wandb run name; null = the sweep member's folder name in a sweep (`-m`), else "<algorithm>-seed<seed>"."""
+    group: str | None = None
+    """wandb group; null = the sweep's folder name in a sweep (`-m`: its members are one group), else none."""
+    job_type: str | None = None
+    """wandb job type; null = the algorithm's name (so a sweep's runs split by algorithm within the group)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.wandb_mode, ("online", "offline", "disabled"), "logger.wandb_mode")
+        _check(bool(self.project), "logger.project", "must not be empty")
 
 
 @dataclass
@@ -285,6 +371,19 @@ class ClusterConf:
     """Ray address: null starts a local Ray; "auto" joins the cluster a `ray job submit` job runs in."""
     num_cpus: int | None = 8
     """Local Ray only: logical CPUs to declare (more than the cores, so fractional actors fit on 2 cores)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables of the run: set in the driver before anything starts (a variable already set in
+    the launching shell wins) and handed to every Ray worker. conf/cluster/local_cpu.yaml sets what vLLM's
+    CPU build needs (engine core in-process, a small KV cache), so every entry point works without exports."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_cpus is None or self.num_cpus >= 1,
+            "cluster.num_cpus",
+            f"must be >= 1 or null, got {self.num_cpus}",
+        )
+        bad = [key for key in self.env if not key or "=" in key]
+        _check(not bad, "cluster.env", f"invalid variable names {bad}")
 
 
 @dataclass
@@ -306,13 +405,6 @@ class TrainConf:
 
 def validate(cfg: TrainConf) -> None:
     """Checks that involve several keys (sizes are checked by orchestration.sizes.derive_sizes)."""
-    _check(cfg.trainer.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {cfg.trainer.total_steps}")
-    _check(
-        cfg.trainer.resume in ("auto", "none"), "trainer.resume", f"must be auto or none, got {cfg.trainer.resume!r}"
-    )
-    _check(cfg.trainer.save_every >= 0 and cfg.trainer.eval_every >= 0, "trainer.save_every/eval_every", "must be >= 0")
-    _check(cfg.logger.wandb_mode in ("online", "offline", "disabled"), "logger.wandb_mode", "online|offline|disabled")
-    _check(cfg.rollout.engine in ("vllm", "hf", "auto"), "rollout.engine", f"vllm|hf|auto, got {cfg.rollout.engine!r}")
     _check(
         cfg.algorithm.overlong_buffer_tokens <= cfg.rollout.max_response_tokens,
         "algorithm.overlong_buffer_tokens",

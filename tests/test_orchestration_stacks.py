@@ -12,7 +12,7 @@ from orchestration.steps import StageError, stage
 @pytest.mark.ray
 def test_stuck_stage_reports_actor_stack(tmp_path):
     stack_dir = tmp_path / "stacks"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env(stack_dir))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env(stack_dir, {}))
     try:
 
         class Sleeper:  # defined here so Ray pickles it by value (test modules are not importable in workers)

@@ -1,0 +1,286 @@
+"""Compare training runs grouped by a config key: what a researcher does after every sweep.
+
+    python -m orchestration.compare outputs/sweeps/2026-11-30_10-00-00            # every run under a sweep
+    python -m orchestration.compare RUN_DIR... --group-by algorithm              # grouped by algorithm.name
+    python -m orchestration.compare SWEEP --group-by algorithm.decay_rate --baseline 32.0
+
+Reads each run's `metrics.jsonl` and `run_info.json` (written by orchestration/train.py), groups the runs by
+the values of `--group-by` (dotted config keys; a config group such as `algorithm` means its `name`), and
+writes into `--output-dir`:
+
+    compare.md    one table row per group and metric: mean, 95% confidence interval over the runs (seeds), n;
+                  then, per metric, the paired difference of every group against the baseline group over the
+                  seeds both have (mean and 95% CI), when runs pair up by `--pair-by` (default: seed)
+    compare.json  the same numbers, plus every run's own final values
+    compare.png   curves over training steps, per group: the mean over runs with a 95% confidence band
+
+Final values: the held-out metrics of each run's last evaluation (eval/avg_at_k, cons_at_k, pass_at_k,
+response_length_mean), and the training batch's response length, entropy and reward accuracy averaged over
+the run's last `--last-steps` steps (default 5: one step is noisy). Confidence intervals use Student's t with
+n − 1 degrees of freedom (n runs, or n paired seeds); n = 1 gives no interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestration.metrics import RUN_INFO_FILE
+from orchestration.plot import eval_series, read_metrics, series
+
+# Held-out metrics: the run's last evaluation.
+FINAL_EVAL = {
+    "eval/avg_at_k": "held-out avg@k",
+    "eval/cons_at_k": "held-out cons@k",
+    "eval/pass_at_k": "held-out pass@k",
+    "eval/response_length_mean": "held-out response length",
+}
+# Training-batch metrics: mean over the run's last `last_steps` steps.
+FINAL_TRAIN = {
+    "rollout/response_length_mean": "train response length",
+    "learner/entropy": "entropy",
+    "reward/accuracy": "train accuracy",
+}
+# Curves of compare.png: (key, title, is an evaluation metric).
+CURVES = (
+    ("avg_at_k", "held-out avg@k", True),
+    ("response_length_mean", "held-out response length (tokens)", True),
+    ("reward/accuracy", "training batch accuracy", False),
+    ("rollout/response_length_mean", "training response length (tokens)", False),
+    ("learner/entropy", "entropy", False),
+    ("learner/last_mini_batch/influence_weights_mean", "FIPO weights, last mini-batch mean", False),
+)
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then 40, 60, 120, ∞).
+_T975 = tuple(
+    float(q)
+    for q in """12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131
+    2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042""".split()
+)
+_T975_TAIL = ((40, 2.021), (60, 2.000), (120, 1.980))
+
+
+def t_quantile_975(dof: int) -> float:
+    """The 97.5% quantile of Student's t with `dof` degrees of freedom (a table; beyond 30 the next tabulated
+    dof at or below it, which errs on the wide side; 1.96 beyond 120)."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    value = _T975[-1]
+    for bound, quantile in _T975_TAIL:
+        if dof >= bound:
+            value = quantile
+    return value if dof < 1000 else 1.960
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
+    """{"mean", "ci95" (half-width; None for n < 2), "std" (sample; None for n < 2), "n"} of `values`."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "std": None, "n": 0}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "ci95": None, "std": None, "n": 1}
+    std = statistics.stdev(values)
+    return {"mean": mean, "ci95": t_quantile_975(n - 1) * std / math.sqrt(n), "std": std, "n": n}
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders (those with a metrics.jsonl) at or below each path, sorted; a path with none is an error."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such folder")
+        found = [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.rglob("metrics.jsonl"))
+        if not found:
+            raise FileNotFoundError(f"{path}: no training run in it (no metrics.jsonl at or below it)")
+        runs += [run for run in found if run not in runs]
+    return runs
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """The value of dotted `key` in a run's config; a config group (a mapping with a `name`) gives its name."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    if isinstance(node, Mapping):
+        if "name" not in node:
+            raise KeyError(f"{key} is a section without a name; group by one of its keys ({sorted(node)[:8]} ...)")
+        node = node["name"]
+    return node
+
+
+def load_run(run_dir: Path, group_by: Sequence[str], pair_by: str | None, last_steps: int) -> dict[str, Any]:
+    """One run: its group label, pairing value, and final values (see the module docstring)."""
+    info_path = run_dir / RUN_INFO_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {RUN_INFO_FILE} (written by orchestration.train since it exists)")
+    config = json.loads(info_path.read_text())["config"]
+    try:
+        group = ", ".join(f"{key}={config_value(config, key)}" for key in group_by)
+        pair = config_value(config, pair_by) if pair_by else None
+    except KeyError as err:
+        raise KeyError(f"{run_dir}: the run's config has no key {err}") from None
+    rows = read_metrics(run_dir)
+    last_eval = next((row for row in reversed(rows) if row.get("eval/avg_at_k") is not None), {})
+    final = {key: last_eval.get(key) for key in FINAL_EVAL}
+    tail = rows[-last_steps:]
+    for key in FINAL_TRAIN:
+        values = [row[key] for row in tail if row.get(key) is not None]
+        final[key] = statistics.fmean(values) if values else None
+    return {"run": str(run_dir), "group": group, "pair": pair, "steps": len(rows), "final": final, "rows": rows}
+
+
+def compare(
+    runs: Sequence[dict[str, Any]], baseline: str | None = None
+) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, dict]]]:
+    """(per group: per metric mean_ci of the runs' final values; per non-baseline group: per metric mean_ci of
+    the paired differences group − baseline over shared pairing values). The baseline is the group whose label
+    ends with `=<baseline>` (or equals it), else the first group in sorted order."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[run["group"]].append(run)
+    labels = sorted(groups)
+    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN)
+    table = {
+        label: {m: mean_ci([r["final"][m] for r in groups[label] if r["final"][m] is not None]) for m in metrics}
+        for label in labels
+    }
+    base = next((label for label in labels if baseline and label.split("=")[-1] == baseline), None)
+    base = base or (baseline if baseline in groups else labels[0])
+    paired: dict[str, dict[str, dict]] = {}
+    for label in labels:
+        if label == base:
+            continue
+        by_pair = {r["pair"]: r for r in groups[base] if r["pair"] is not None}
+        shared = [(by_pair[r["pair"]], r) for r in groups[label] if r["pair"] in by_pair]
+        if not shared:
+            continue
+        paired[f"{label} − {base}"] = {
+            m: mean_ci([r["final"][m] - b["final"][m] for b, r in shared if None not in (r["final"][m], b["final"][m])])
+            for m in metrics
+        }
+    return table, paired
+
+
+def _fmt(stats: Mapping[str, Any], scale: float) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    text = f"{stats['mean'] * scale:.3g}" if scale == 1 else f"{stats['mean'] * scale:.1f}"
+    if stats["ci95"] is not None:
+        text += f" ± {stats['ci95'] * scale:.3g}" if scale == 1 else f" ± {stats['ci95'] * scale:.1f}"
+    return text
+
+
+def markdown(table: Mapping[str, Mapping], paired: Mapping[str, Mapping], runs: Sequence[dict]) -> str:
+    """The tables of compare.md: accuracies in percent (points for differences), lengths in tokens."""
+    names = FINAL_EVAL | FINAL_TRAIN
+    scale = {m: 100.0 if ("_at_k" in m or "accuracy" in m) else 1.0 for m in names}
+    header = "| group | n | " + " | ".join(f"{names[m]}{' (%)' if scale[m] == 100 else ''}" for m in names) + " |"
+    lines = [
+        f"{len(runs)} runs; mean ± 95% CI over the runs of each group (Student's t); final held-out values are the "
+        "last evaluation's, training values the mean of the last steps.",
+        "",
+        header,
+        "|" + "---|" * (len(names) + 2),
+    ]
+    for label, stats in table.items():
+        n = max(s["n"] for s in stats.values())
+        lines.append(f"| {label} | {n} | " + " | ".join(_fmt(stats[m], scale[m]) for m in names) + " |")
+    if paired:
+        lines += ["", "Paired differences (same seed), mean ± 95% CI over the seeds:", "", header, lines[3]]
+        for label, stats in paired.items():
+            n = max(s["n"] for s in stats.values())
+            lines.append(f"| {label} | {n} | " + " | ".join(_fmt(stats[m], scale[m]) for m in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_groups(runs: Sequence[dict[str, Any]], output: Path) -> Path:
+    """compare.png: one panel per CURVES entry; per group the mean over its runs with a 95% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[run["group"]].append(run)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title, is_eval) in zip(axes.flat, CURVES):
+        for i, (label, members) in enumerate(sorted(groups.items())):
+            points: dict[int, list[float]] = defaultdict(list)
+            for run in members:
+                xs, ys = eval_series(run["rows"], key) if is_eval else series(run["rows"], key, shift=1)
+                for x, y in zip(xs, ys):
+                    points[x].append(y)
+            if not points:
+                continue
+            xs = sorted(points)
+            stats = [mean_ci(points[x]) for x in xs]
+            mean = [s["mean"] for s in stats]
+            half = [s["ci95"] or 0.0 for s in stats]
+            color = colors[i % len(colors)]
+            ax.plot(xs, mean, color=color, marker="o" if is_eval else None, ms=3, label=f"{label} (n={len(members)})")
+            ax.fill_between(
+                xs, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], color=color, alpha=0.2
+            )
+        ax.set(title=title, xlabel="update (0 = before RL)" if is_eval else "update")
+        ax.ticklabel_format(useOffset=False, axis="y")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("mean over runs, 95% confidence band (Student's t)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m orchestration.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="run folders, or folders holding runs (a sweep)")
+    p.add_argument("--group-by", nargs="+", default=["algorithm"], help="dotted config keys (default: algorithm)")
+    p.add_argument("--pair-by", default="seed", help="config key pairing runs across groups ('' = no pairing)")
+    p.add_argument("--baseline", help="the group the paired differences are taken against (a value of --group-by)")
+    p.add_argument("--last-steps", type=int, default=5, help="training metrics: mean over this many last steps")
+    p.add_argument(
+        "--output-dir", help="where compare.md/json/png go (default: the one path given, else outputs/compare)"
+    )
+    args = p.parse_args(argv)
+    if args.last_steps < 1:
+        p.error(f"--last-steps must be >= 1, got {args.last_steps}")
+    runs = [load_run(run, args.group_by, args.pair_by or None, args.last_steps) for run in find_runs(args.paths)]
+    table, paired = compare(runs, args.baseline)
+    out = Path(args.output_dir or (args.paths[0] if len(args.paths) == 1 else "outputs/compare"))
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(table, paired, runs)
+    (out / "compare.md").write_text(text)
+    report = {
+        "group_by": args.group_by,
+        "pair_by": args.pair_by,
+        "groups": table,
+        "paired_differences": paired,
+        "runs": [{k: v for k, v in run.items() if k != "rows"} for run in runs],
+    }
+    (out / "compare.json").write_text(json.dumps(report, indent=1, default=str))
+    png = plot_groups(runs, out / "compare.png")
+    print(text + f"\nwrote {out / 'compare.md'}, {out / 'compare.json'}, {png}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

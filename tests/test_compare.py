@@ -1,0 +1,103 @@
+"""`python -m orchestration.compare` on runs written by hand (golden values computed by hand below), and the
+sweep members' folder names (orchestration/sweep.py)."""
+
+import json
+import math
+
+import pytest
+
+from orchestration.compare import config_value, find_runs, main, mean_ci, t_quantile_975
+from orchestration.sweep import SWEPT_KEYS_ENV, member_dirname, swept_keys
+
+# final held-out avg@k per seed; the training response length of the last steps is 20 + seed for fipo, 10 for dapo
+FINAL = {"fipo": [0.5, 0.6, 0.7], "dapo": [0.4, 0.6, 0.5]}
+
+
+def write_run(path, algorithm, seed, final_avg, steps=8):
+    path.mkdir(parents=True)
+    rows = []
+    for step in range(steps):
+        row = {"step": step, "rollout/response_length_mean": (20.0 + seed if algorithm == "fipo" else 10.0) + step}
+        if step == 0:
+            row["eval/initial_avg_at_k"] = 0.1
+        if step == steps - 1:
+            row |= {"eval/avg_at_k": final_avg, "eval/response_length_mean": 30.0}
+        rows.append(row)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"seed": seed, "algorithm": {"name": algorithm, "decay_rate": 32.0}, "learner": {"lr": 1e-4}}
+    (path / "run_info.json").write_text(json.dumps({"config": config}))
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    for algorithm, values in FINAL.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path / "sweep" / f"algorithm={algorithm},seed={seed}", algorithm, seed, value)
+    return tmp_path / "sweep"
+
+
+def test_t_quantiles_and_mean_ci_by_hand():
+    assert (t_quantile_975(1), t_quantile_975(2), t_quantile_975(10), t_quantile_975(30)) == (
+        12.706,
+        4.303,
+        2.228,
+        2.042,
+    )
+    assert t_quantile_975(35) == 2.042 and t_quantile_975(10**6) == 1.96  # a table: never narrower than exact
+    stats = mean_ci([0.5, 0.6, 0.7])
+    assert math.isclose(stats["mean"], 0.6) and math.isclose(stats["std"], 0.1)
+    assert math.isclose(stats["ci95"], 4.303 * 0.1 / math.sqrt(3))
+    assert mean_ci([0.3]) == {"mean": 0.3, "ci95": None, "std": None, "n": 1}
+    assert mean_ci([])["n"] == 0
+
+
+def test_compare_groups_intervals_and_paired_differences(sweep_dir, capsys):
+    report = main([str(sweep_dir), "--group-by", "algorithm", "--baseline", "dapo", "--last-steps", "3"])
+    groups = report["groups"]
+    assert set(groups) == {"algorithm=fipo", "algorithm=dapo"}
+    fipo, dapo = groups["algorithm=fipo"], groups["algorithm=dapo"]
+    half = 4.303 * 0.1 / math.sqrt(3)  # both groups have a sample std of 0.1 over three seeds
+    assert math.isclose(fipo["eval/avg_at_k"]["mean"], 0.6) and math.isclose(fipo["eval/avg_at_k"]["ci95"], half)
+    assert math.isclose(dapo["eval/avg_at_k"]["mean"], 0.5) and math.isclose(dapo["eval/avg_at_k"]["ci95"], half)
+    # training response length: mean of the last 3 steps (5, 6, 7 added) = base + 6; fipo's base is 20 + seed
+    assert math.isclose(fipo["rollout/response_length_mean"]["mean"], 21 + 6)
+    assert dapo["rollout/response_length_mean"] == {"mean": 16.0, "ci95": 0.0, "std": 0.0, "n": 3}
+    # paired by seed: fipo − dapo = 0.1, 0.0, 0.2 → mean 0.1, sample std 0.1
+    diff = report["paired_differences"]["algorithm=fipo − algorithm=dapo"]["eval/avg_at_k"]
+    assert diff["n"] == 3 and math.isclose(diff["mean"], 0.1) and math.isclose(diff["ci95"], half)
+    table = (sweep_dir / "compare.md").read_text()
+    assert (
+        "| algorithm=fipo | 3 | 60.0 ± 24.8 |" in table
+        and "| algorithm=fipo − algorithm=dapo | 3 | 10.0 ± 24.8 |" in table
+    )
+    assert (sweep_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "algorithm=dapo" in capsys.readouterr().out
+
+
+def test_group_by_a_plain_key_and_errors_that_name_the_problem(sweep_dir, tmp_path):
+    report = main([str(sweep_dir), "--group-by", "algorithm.decay_rate", "--output-dir", str(tmp_path / "out")])
+    assert list(report["groups"]) == ["algorithm.decay_rate=32.0"] and not report["paired_differences"]
+    assert report["groups"]["algorithm.decay_rate=32.0"]["eval/avg_at_k"]["n"] == 6
+    with pytest.raises(KeyError, match="no key 'trainer.nope'"):
+        main([str(sweep_dir), "--group-by", "trainer.nope", "--output-dir", str(tmp_path / "out")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no training run in it"):
+        find_runs([tmp_path / "empty"])
+    config = {"algorithm": {"name": "fipo", "clip": {"low": 0.2}}, "seed": 3}
+    assert (config_value(config, "algorithm"), config_value(config, "seed")) == ("fipo", 3)
+    with pytest.raises(KeyError, match="section without a name"):
+        config_value(config, "algorithm.clip")
+
+
+def test_sweep_member_folder_names(monkeypatch):
+    overrides = ["algorithm=dapo", "seed=1", "trainer.total_steps=60", "model.path=/models/qwen", "learner.lr=1e-4"]
+    assert swept_keys(["algorithm=fipo,dapo", "seed=range(3)", "trainer.total_steps=60"]) == ["algorithm", "seed"]
+    monkeypatch.setenv(SWEPT_KEYS_ENV, "algorithm,seed")
+    assert member_dirname(overrides) == "algorithm=dapo,seed=1"
+    monkeypatch.delenv(SWEPT_KEYS_ENV)  # sweep keys unknown: every override names the folder, "/" never nests
+    assert member_dirname(overrides) == (
+        "algorithm=dapo,learner.lr=0.0001,model.path=_models_qwen,seed=1,trainer.total_steps=60"
+    )
+    long_name = member_dirname([f"data.synthetic_train_prompts={10**100}", f"seed={10**90}"])
+    assert len(long_name) == 120 and long_name.startswith("data.synthetic_train_prompts=1000")
+    assert long_name != member_dirname([f"data.synthetic_train_prompts={10**100}", f"seed={10**90 + 1}"])
