@@ -1,23 +1,32 @@
-"""Issue 9's GPU measurements in one command, for the GPU machine (one H100/H200; torch, triton and
-transformers; no vLLM, no Ray, no Hydra needed), in well under 9 minutes:
+"""The project's GPU measurements in one command, for the GPU machine (one H100/H200; torch, triton and
+transformers; no vLLM, no Ray, no Hydra needed), within a ~6-minute budget. Issue 14's stages come first:
 
-1. env          GPU, driver, torch / CUDA / triton / transformers versions (nvidia-smi, python).
-2. kernel_tests tests/test_future_sum_triton.py compiled on the GPU (kernel vs float64 recurrence, rel ≤ 1e-6).
-3. future_kl    bench/future_kl.py on CUDA at [256, 20480]: Triton kernel GB/s vs the device's copy GB/s in the
-                same run (goal ≥ 0.5), vs torch.cumsum, the torch matmul path and the official chunked form.
-4. learner      bench/learner.py with NCCL on one GPU (world size 1, no Ray), a Qwen2.5-0.5B-sized model with
-                random weights, bf16: tokens/s, MFU (peak stated in the result), FIPO overhead over DAPO
-                (goal ≤ 0.02). Retried once at a smaller size if it fails (e.g. out of memory).
-5. rollout      rollout/hf_engine.py's HFEngine on cuda (bf16 and float32): a tiny byte-level Qwen2 model
-                generates; its reported log-probs are checked against a teacher-forced forward pass, and a
-                weight update through `update_weights` round-trips.
+1. env            GPU, driver, torch / CUDA / triton / transformers versions (nvidia-smi, python).
+2. learner_tests  tests/test_learner_packing.py and the FIPO = DAPO test of tests/test_learner.py on the GPU
+                  (NCCL, world size 1): the packed / chunked / checkpointed / sharded-loaded learner against the
+                  padded reference path and float64 references, FIPO = DAPO bitwise, and the CUDA varlen
+                  attention kernel against per-sample SDPA (bf16, grouped-query heads; its only test).
+3. learner        bench/learner.py, Qwen2.5-0.5B-sized random model, bf16, packed 16384-token micro-batches:
+                  update tokens/s (goal ≥ 32k), MFU, peak memory, FIPO overhead over DAPO (goal ≤ 0.02).
+4. learner_3b_ac  Qwen2.5-3B-sized, 16384-token micro-batches, activation checkpointing on (goal: fits, MFU ≥ 0.3).
+5. learner_3b     the same without activation checkpointing (goal: fits, MFU ≥ 0.3).
+6. learner_7b_ac  Qwen2.5-7B-sized, 16384-token micro-batches, activation checkpointing on (goal: trains).
+7. learner_05b_padded  stage 3's model with the old layout (padded, full logits, 4096-token micro-batches):
+                  the before number in the same run.
+Then, while the budget lasts, issue 9's stages (measured before, at commit 45f0269):
+8. kernel_tests   tests/test_future_sum_triton.py compiled on the GPU (kernel vs float64 recurrence, rel ≤ 1e-6).
+9. future_kl      bench/future_kl.py on CUDA at [256, 20480]: Triton kernel GB/s vs the device's copy GB/s.
+10. rollout       rollout/hf_engine.py's HFEngine on cuda (bf16 and float32): log-probs vs a teacher-forced
+                  forward pass, and a weight update through `update_weights`.
 
-Each stage runs as its own subprocess with a time limit; a failing stage is recorded and the suite goes on.
-Everything goes to OUT_DIR: gpu_suite.log (all output) and gpu_suite.json (every stage's last JSON line,
-return code and seconds). The last lines printed are a summary table.
+Each stage runs as its own subprocess with a time limit (and is skipped when too little budget is left); a
+failing stage is recorded and the suite goes on. Everything goes to OUT_DIR: gpu_suite.log (all output) and
+gpu_suite.json (every stage's last JSON line, return code and seconds). The last lines printed are a summary
+table. The learner stages share a model cache under /tmp (removed at the end).
 
-    python3 -m bench.gpu_suite --out "$OUT" [--label "<commit>"] [--budget-s 520]
-    python3 -m bench.gpu_suite rollout-sanity       # stage 5 alone (what the suite runs as a subprocess)
+    python3 -m bench.gpu_suite --out "$OUT" [--label "<commit>"] [--budget-s 350]
+    python3 -m bench.gpu_suite rollout-sanity       # stage 10 alone (what the suite runs as a subprocess)
+    python -m bench.gpu_suite --smoke --out /tmp/suite_smoke   # a CPU check of this script (tiny stages)
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +92,11 @@ class Suite:
         self.save()
         return stage
 
+    def skip(self, name: str, reason: str) -> None:
+        print(f"\n===== {name}: skipped ({reason})", flush=True)
+        self.results["stages"][name] = {"rc": "skipped", "seconds": 0.0, "result": None, "reason": reason}
+        self.save()
+
     def save(self) -> None:
         (self.out_dir / "gpu_suite.json").write_text(json.dumps(self.results, indent=1, default=str))
 
@@ -107,16 +122,20 @@ SUMMARY_KEYS = {
         "triton_speedup_vs_official",
         "triton_rel_err_vs_float64",
     ),
-    "learner": (
-        "fipo_overhead",
-        "fipo_overhead_paired_median",
-        "fipo_update_overhead",
-        "dapo_update_tokens_per_s",
-        "dapo_mfu_update",
-        "dapo_mfu_step",
-        "peak_tflops",
+    "learner_tests": ("passed", "failed", "skipped", "error"),
+    **dict.fromkeys(
+        ("learner", "learner_3b_ac", "learner_3b", "learner_7b_ac", "learner_05b_padded", "learner_qwen_vocab"),
+        (
+            "update_tokens_per_s",
+            "mfu_update",
+            "peak_memory_gib",
+            "padded_fraction",
+            "attention_kernel",
+            "activation_checkpointing",
+            "fipo_overhead",
+            "fipo_update_overhead",
+        ),
     ),
-    "learner_small": ("fipo_overhead", "fipo_update_overhead", "dapo_update_tokens_per_s", "dapo_mfu_update"),
     "rollout": ("ok", "bf16_tokens_per_s", "fp32_max_abs_logprob_diff", "bf16_max_abs_logprob_diff"),
 }
 
@@ -149,38 +168,75 @@ print(json.dumps(info))
 """
 
 
+def pytest_counts(stage: dict) -> dict:
+    """{"passed": n, "failed": n, ...} from the tail of a pytest run's output."""
+    tail = stage["output_tail"][-400:]
+    return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail)}
+
+
+# (name, bench.learner arguments, time limit s, least budget left to start it s)
+LEARNER_STAGES = [
+    ("learner", ["--preset", "qwen2.5-0.5b", "--samples", "32", "--mini-batch-samples", "8",
+                 "--repeats", "5"], 120, 60),
+    ("learner_3b_ac", ["--preset", "qwen2.5-3b", "--samples", "64", "--mini-batch-samples", "16",
+                       "--algorithms", "dapo", "--activation-checkpointing", "on", "--repeats", "2"], 150, 90),
+    ("learner_3b", ["--preset", "qwen2.5-3b", "--samples", "64", "--mini-batch-samples", "16",
+                    "--algorithms", "dapo", "--activation-checkpointing", "off", "--repeats", "2"], 120, 70),
+    ("learner_7b_ac", ["--preset", "qwen2.5-7b", "--samples", "32", "--mini-batch-samples", "16",
+                       "--algorithms", "dapo", "--activation-checkpointing", "on", "--repeats", "2"], 200, 120),
+    ("learner_05b_padded", ["--preset", "qwen2.5-0.5b", "--samples", "32", "--mini-batch-samples", "8",
+                            "--algorithms", "dapo", "--packing", "off", "--logprob-chunk", "0",
+                            "--micro-batch-tokens", "4096", "--repeats", "3"], 90, 50),
+]  # fmt: skip
+
+
 def suite(args) -> int:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     s = Suite(out_dir, args.budget_s, args.label)
     py = sys.executable
     env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    cache = tempfile.mkdtemp(prefix="bench_models_")
 
     s.run("env", [py, "-c", ENV_SCRIPT], 60, env)
-    tests = s.run("kernel_tests", [py, "-m", "pytest", "tests/test_future_sum_triton.py", "-q", "-p",
-                                   "no:cacheprovider"], 150, env)  # fmt: skip
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tests["output_tail"][-400:])}
-    tests["result"] = counts
+    learner_tests = [
+        "tests/test_learner_packing.py",
+        "tests/test_learner.py::test_fipo_first_mini_batch_is_exactly_dapo",
+    ]
+    stage = s.run("learner_tests", pytest + learner_tests, 150, env)
+    stage["result"] = pytest_counts(stage)
+    bench = [py, "-m", "bench.learner", "--model-cache", cache]
     if args.smoke:  # a CPU check of this script: tiny sizes, the kernel under TRITON_INTERPRET=1
-        kl = ["--device", "cpu", "--smoke", "--batch", "4", "--length", "3000", "--repeats", "2"]
-        s.run("future_kl", [py, "-m", "bench.future_kl", *kl], 150, {**env, "TRITON_INTERPRET": "1"})
-        s.run("learner", [py, "-m", "bench.learner", "--repeats", "1", "--samples", "16"], 150, env)
+        s.run("learner", bench + ["--repeats", "1", "--samples", "16"], 150, env)
+        s.run("learner_qwen_vocab", bench + ["--preset", "tiny-qwen-vocab", "--algorithms", "dapo", "--repeats",
+                                             "1", "--samples", "16", "--logprob-chunk", "128"], 150, env)  # fmt: skip
     else:
-        s.run("future_kl", [py, "-m", "bench.future_kl", "--repeats", "30"], 150, env)
-        learner = [py, "-m", "bench.learner", "--preset", "qwen2.5-0.5b", "--param-dtype", "bfloat16", "--threads",
-                   "8", "--samples", "32", "--mini-batch-samples", "8"]  # fmt: skip
-        big = s.run("learner", learner + ["--response-len", "2048", "--micro-batch-tokens", "4096", "--repeats", "7"],
-                    260, env)  # fmt: skip
-        if big["rc"] != 0 and s.remaining() > 150:
-            s.run("learner_small", learner + ["--response-len", "512", "--micro-batch-tokens", "2048", "--repeats",
-                                              "5"], min(150, s.remaining() - 60), env)  # fmt: skip
-    s.run("rollout", [py, "-m", "bench.gpu_suite", "rollout-sanity"], 90, env)
+        gpu = ["--param-dtype", "bfloat16", "--threads", "8", "--response-len", "2048", "--micro-batch-tokens", "16384"]
+        for name, extra, limit, least in LEARNER_STAGES:
+            if s.remaining() < least:
+                s.skip(name, f"{s.remaining():.0f} s of budget left, needs {least}")
+                continue
+            s.run(name, bench + gpu + extra, limit, env)
+    shutil.rmtree(cache, ignore_errors=True)
+
+    if s.remaining() > 60:
+        tests = s.run("kernel_tests", pytest + ["tests/test_future_sum_triton.py"], 150, env)
+        tests["result"] = pytest_counts(tests)
+    if s.remaining() > 30:
+        if args.smoke:
+            kl = ["--device", "cpu", "--smoke", "--batch", "4", "--length", "3000", "--repeats", "2"]
+            s.run("future_kl", [py, "-m", "bench.future_kl", *kl], 150, {**env, "TRITON_INTERPRET": "1"})
+        else:
+            s.run("future_kl", [py, "-m", "bench.future_kl", "--repeats", "30"], 150, env)
+    if s.remaining() > 30:
+        s.run("rollout", [py, "-m", "bench.gpu_suite", "rollout-sanity"], 90, env)
     s.finish()
     return 0
 
 
 def rollout_sanity() -> None:
-    """Stage 5: HFEngine on cuda. Prints one JSON line."""
+    """Stage 10: HFEngine on cuda. Prints one JSON line."""
     import torch
 
     from bench.common import device_info
@@ -246,7 +302,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=("suite", "rollout-sanity"), default="suite")
     parser.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_suite"), help="results folder")
-    parser.add_argument("--budget-s", type=float, default=520.0, help="wall-clock budget of the whole suite")
+    parser.add_argument("--budget-s", type=float, default=350.0, help="wall-clock budget of the whole suite")
     parser.add_argument("--label", default="", help="free text stored in the results (e.g. the git commit)")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny stages, no GPU needed")
     args = parser.parse_args()

@@ -1,22 +1,32 @@
 """How a step's batch is cut for the update: mini-batches → ranks → micro-batches, and a micro-batch's inputs.
 
-Pure functions of the batch shape and masks (no model, no process group), so every rank computes the whole
-plan for every rank and they all agree without talking:
+Pure functions of the batch's masks (no model, no process group), computed on the host once per step; every
+rank computes the plan of every rank and they all agree without talking:
 
 * mini-batches: consecutive blocks of `mini_batch_samples` rows, in batch order (no shuffle, one epoch);
-* ranks: mini-batch rows [r·s, (r+1)·s) go to rank r (s = mini_batch_samples / world_size);
-* micro-batches: consecutive rows of a rank's share, packed greedily while rows × (longest prompt + longest
-  response) stays within `micro_batch_tokens` (a sample longer than the budget is a micro-batch of its own).
-  FSDP runs one all-gather per layer per forward, so all ranks must run the same number of micro-batches:
-  ranks that packed fewer split their largest micro-batch in two until they have as many as the rank with
-  the most (each share has s ≥ that many rows, so this always ends).
+* ranks: each rank gets `mini_batch_samples / world_size` samples of each mini-batch, balanced by tokens
+  (longest first, each sample to the rank with the fewest tokens so far that still has room);
+* micro-batches: a rank's samples, longest first, go into the first micro-batch whose cost stays within
+  `micro_batch_tokens` (first-fit decreasing; a sample over the budget is a micro-batch of its own). The cost
+  is the tokens computed: Σ (prompt + response) when packed, rows × (longest prompt + longest response) when
+  padded. FSDP runs one all-gather per layer per forward, so all ranks run the same number of micro-batches:
+  ranks that have fewer split their costliest one in two until they have as many (a rank has at least as
+  many samples as any rank has micro-batches, so this always ends).
 
-`compute_log_probs` and `update` both use this plan and `micro_batch_inputs`, so a row is always computed in
-the same micro-batch with the same padding: the old log-probs are bitwise the training forward's at θ = θ_old.
+Two layouts of a micro-batch's model inputs (`micro_batch_inputs`):
+
+* packed (the default): the samples' real tokens [prompt | response] concatenated into one row, positions
+  restarting at 0 per sample, block-diagonal causal attention (learner/attention.py): no padding at all;
+* padded (the reference): one row per sample, [left-padded prompt | right-padded response], an attention mask.
+
+`compute_log_probs` and `update` both use the same plan and inputs, so a row is always computed in the same
+micro-batch with the same layout: the old log-probs are bitwise the training forward's at θ = θ_old.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,50 +48,127 @@ def loss_mask(batch: RolloutBatch) -> torch.Tensor:
     return mask
 
 
-def _padded_tokens(prompt_len: torch.Tensor, resp_len: torch.Tensor, rows: range) -> int:
-    return len(rows) * int(prompt_len[rows.start : rows.stop].max() + resp_len[rows.start : rows.stop].max())
+# ----------------------------------------------------------------------------------------------------------
+# the plan
 
 
-def _pack_greedy(prompt_len: torch.Tensor, resp_len: torch.Tensor, rows: range, budget: int) -> list[range]:
-    """Consecutive runs of `rows` whose padded size fits `budget` (a run of one row may exceed it)."""
-    parts: list[range] = []
-    start = rows.start
-    for end in range(rows.start + 1, rows.stop + 1):
-        if end - start > 1 and _padded_tokens(prompt_len, resp_len, range(start, end)) > budget:
-            parts.append(range(start, end - 1))
-            start = end - 1
-    parts.append(range(start, rows.stop))
+class _Bin:
+    """A micro-batch being filled: its rows and what its cost depends on."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.tokens = 0
+        self.max_prompt = 0
+        self.max_response = 0
+
+    def cost_with(self, prompt: int, response: int, packing: bool) -> int:
+        if packing:
+            return self.tokens + prompt + response
+        return (len(self.rows) + 1) * (max(self.max_prompt, prompt) + max(self.max_response, response))
+
+    def add(self, row: int, prompt: int, response: int) -> None:
+        self.rows.append(row)
+        self.tokens += prompt + response
+        self.max_prompt = max(self.max_prompt, prompt)
+        self.max_response = max(self.max_response, response)
+
+
+def _cost(rows: Sequence[int], prompt_len: Sequence[int], resp_len: Sequence[int], packing: bool) -> int:
+    """Positions a micro-batch of `rows` computes: Σ tokens packed, rows × (longest prompt + longest response,
+    each at least 1) padded."""
+    if packing:
+        return sum(prompt_len[i] + resp_len[i] for i in rows)
+    return len(rows) * (max(1, *(prompt_len[i] for i in rows)) + max(1, *(resp_len[i] for i in rows)))
+
+
+def _assign_ranks(rows: Sequence[int], length: list[int], world_size: int) -> list[list[int]]:
+    """`rows` split into `world_size` equal-size parts with balanced token sums (longest first, each row to the
+    least-loaded part with room; ties to the lower rank)."""
+    share = len(rows) // world_size
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for row in sorted(rows, key=lambda i: (-length[i], i)):
+        rank = min((r for r in range(world_size) if len(parts[r]) < share), key=lambda r: (loads[r], r))
+        parts[rank].append(row)
+        loads[rank] += length[row]
     return parts
 
 
-def _split_to(prompt_len: torch.Tensor, resp_len: torch.Tensor, parts: list[range], count: int) -> list[range]:
-    """Split the largest multi-row part in two (at its middle) until there are `count` parts."""
-    parts = list(parts)
+def _fill(rows: list[int], prompt_len: list[int], resp_len: list[int], budget: int, packing: bool) -> list[list[int]]:
+    """First-fit decreasing: `rows` (longest first) into micro-batches of cost ≤ `budget`."""
+    bins: list[_Bin] = []
+    for row in sorted(rows, key=lambda i: (-(prompt_len[i] + resp_len[i]), i)):
+        p, t = prompt_len[row], resp_len[row]
+        target = next((b for b in bins if b.cost_with(p, t, packing) <= budget), None)
+        if target is None:
+            target = _Bin()
+            bins.append(target)
+        target.add(row, p, t)
+    return [b.rows for b in bins]
+
+
+def _split_to(parts: list[list[int]], count: int, prompt_len, resp_len, packing: bool) -> list[list[int]]:
+    """Split the costliest multi-row micro-batch in two (alternate rows) until there are `count`."""
+    parts = [list(p) for p in parts]
     while len(parts) < count:
         splittable = [i for i, p in enumerate(parts) if len(p) > 1]
-        i = max(splittable, key=lambda j: (_padded_tokens(prompt_len, resp_len, parts[j]), -j))
-        p = parts[i]
-        mid = p.start + len(p) // 2
-        parts[i : i + 1] = [range(p.start, mid), range(mid, p.stop)]
+        i = max(splittable, key=lambda j: (_cost(parts[j], prompt_len, resp_len, packing), -j))
+        parts[i : i + 1] = [parts[i][0::2], parts[i][1::2]]
     return parts
 
 
-def plan_micro_batches(
+@dataclass(frozen=True)
+class StepPlan:
+    """The micro-batches of one step for every rank.
+
+    micro_batches[m][r]: rank r's micro-batches of mini-batch m, each a tuple of batch rows in layout order;
+        every rank has the same number of micro-batches in a mini-batch and the same number of rows.
+    mini_batch_rows[m]: the rows of mini-batch m (a consecutive block of the batch).
+    prompt_len, response_len: per row of the batch, real prompt tokens and response length (host ints).
+    packing: whether micro-batches are packed (their cost is Σ tokens) or padded (rows × longest).
+    """
+
+    micro_batches: tuple[tuple[tuple[tuple[int, ...], ...], ...], ...]
+    mini_batch_rows: tuple[range, ...]
+    prompt_len: tuple[int, ...]
+    response_len: tuple[int, ...]
+    packing: bool
+
+    @property
+    def num_mini_batches(self) -> int:
+        return len(self.micro_batches)
+
+    def for_rank(self, rank: int) -> list[tuple[tuple[int, ...], ...]]:
+        """Rank `rank`'s micro-batches, one tuple of row-tuples per mini-batch."""
+        return [per_rank[rank] for per_rank in self.micro_batches]
+
+    def rank_rows(self, rank: int) -> list[int]:
+        """The rows rank `rank` computes in the whole step, in the order it computes them."""
+        return [row for per_rank in self.micro_batches for micro in per_rank[rank] for row in micro]
+
+    def tokens(self, mini_batch: int) -> tuple[int, int]:
+        """(real tokens, positions the model computes) of mini-batch `mini_batch` over all ranks."""
+        rows = self.mini_batch_rows[mini_batch]
+        real = sum(self.prompt_len[i] + self.response_len[i] for i in rows)
+        micro = [x for per_rank in self.micro_batches[mini_batch] for x in per_rank]
+        return real, sum(_cost(x, self.prompt_len, self.response_len, self.packing) for x in micro)
+
+
+def plan_step(
     prompt_mask: torch.Tensor,
     response_mask: torch.Tensor,
     *,
     mini_batch_samples: int,
     micro_batch_tokens: int,
     world_size: int,
-    rank: int,
-) -> list[list[range]]:
-    """This rank's micro-batches of every mini-batch, as row ranges of the step's batch.
+    packing: bool = True,
+) -> StepPlan:
+    """Every rank's micro-batches of every mini-batch (see the module docstring).
 
     Args:
         prompt_mask: [B, P] bool, True on real prompt tokens (left padding False).
         response_mask: [B, T] bool, True on response tokens (right padding False).
-    Returns: one list per mini-batch (in order) of this rank's micro-batches (row ranges, in order); every
-        rank gets the same number of micro-batches in each mini-batch.
+        packing: cost micro-batches as packed rows (Σ tokens) instead of padded ones (rows × longest).
     """
     num_samples = prompt_mask.shape[0]
     if num_samples % mini_batch_samples:
@@ -93,64 +180,173 @@ def plan_micro_batches(
         raise ValueError(
             f"mini_batch_samples={mini_batch_samples} does not divide evenly over world_size={world_size} ranks"
         )
-    prompt_len = prompt_mask.bool().sum(-1).cpu()
-    resp_len = response_lengths(response_mask).cpu()
-    share = mini_batch_samples // world_size
-    plan = []
+    prompt_len = prompt_mask.bool().sum(-1).tolist()
+    resp_len = response_lengths(response_mask).tolist()
+    length = [p + t for p, t in zip(prompt_len, resp_len)]
+    plan, blocks = [], []
     for mb_start in range(0, num_samples, mini_batch_samples):
+        block = range(mb_start, mb_start + mini_batch_samples)
         per_rank = [
-            _pack_greedy(prompt_len, resp_len, range(start, start + share), micro_batch_tokens)
-            for start in range(mb_start, mb_start + mini_batch_samples, share)
+            _fill(rows, prompt_len, resp_len, micro_batch_tokens, packing)
+            for rows in _assign_ranks(block, length, world_size)
         ]
         count = max(len(parts) for parts in per_rank)
-        plan.append(_split_to(prompt_len, resp_len, per_rank[rank], count))
-    return plan
+        per_rank = [_split_to(parts, count, prompt_len, resp_len, packing) for parts in per_rank]
+        plan.append(tuple(tuple(tuple(micro) for micro in parts) for parts in per_rank))
+        blocks.append(block)
+    return StepPlan(
+        micro_batches=tuple(plan),
+        mini_batch_rows=tuple(blocks),
+        prompt_len=tuple(prompt_len),
+        response_len=tuple(resp_len),
+        packing=packing,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a micro-batch's tensors
 
 
 @dataclass(frozen=True)
 class MicroBatchInputs:
-    """Model inputs of one micro-batch of b rows, padding trimmed to the micro-batch's longest sample.
+    """Model inputs of one micro-batch of b samples (integer tensors only, plus host ints).
 
-    input_ids:      [b, p + t] int64, [left-padded prompt | right-padded response].
-    attention_mask: [b, p + t] int64, 1 on real tokens.
-    position_ids:   [b, p + t] int64, 0-based positions counted over real tokens (so left padding is harmless).
-    response_ids:   [b, t] int64, the response tokens whose log-probs are wanted.
-    rows:           the micro-batch's rows of the step's batch.
+    input_ids:      packed [1, N] int64, the samples' real tokens [prompt | response] one after another;
+                    padded [b, p + t] int64, [left-padded prompt | right-padded response].
+    position_ids:   same shape, int64: 0-based positions within each sample.
+    attention_mask: padded only: [b, p + t] int64, 1 on real tokens; None when packed.
+    cu_seq_lens:    packed only: [b + 1] int32, sample boundaries in the row (0, then running sums).
+    target_index:   [M] int64, flat positions (into input_ids.view(-1)) whose outputs predict the M response
+                    tokens (one per real response position of every sample, in row-major order).
+    target_ids:     [M] int64, those response tokens.
+    response_index: [M] int64, flat positions of those tokens in the micro-batch's [b, t] response layout.
+    rows:           the samples' rows of the step's batch, in layout order.
+    seq_lens:       packed only: tokens per sample (host ints); () when padded.
+    response_len:   t, the width of the [b, t] response layout (the micro-batch's longest response, ≥ 1).
+    num_tokens:     real (prompt + response) tokens; computed_tokens: positions the model computes (= num_tokens
+                    when packed, b × (p + t) when padded).
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    response_ids: torch.Tensor
-    rows: range
+    attention_mask: torch.Tensor | None
+    cu_seq_lens: torch.Tensor | None
+    target_index: torch.Tensor
+    target_ids: torch.Tensor
+    response_index: torch.Tensor
+    rows: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    response_len: int
+    num_tokens: int
+    computed_tokens: int
 
     @property
-    def response_len(self) -> int:
-        """t: padded response length of this micro-batch."""
-        return self.response_ids.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (attended) tokens in the micro-batch."""
-        return int(self.attention_mask.sum())
+    def packed(self) -> bool:
+        return self.attention_mask is None
 
 
-def micro_batch_inputs(batch: RolloutBatch, rows: range, device: torch.device | str = "cpu") -> MicroBatchInputs:
-    """The model inputs of rows `rows` of `batch` (see MicroBatchInputs), on `device`."""
-    sl = slice(rows.start, rows.stop)
-    prompt_mask = batch.prompt_mask[sl].bool()
-    p = max(1, int(prompt_mask.sum(-1).max()))
-    resp_len = response_lengths(batch.response_mask[sl])
+@dataclass(frozen=True)
+class MicroBatchLossInputs:
+    """Per-token loss inputs of a micro-batch in its [b, t] response layout (t = MicroBatchInputs.response_len).
+
+    loss_mask: [b, t] bool, True on tokens in the loss. old_log_probs, advantages: [b, t] float32.
+    ref_log_probs: [b, t] float32 or None (only with a KL term). num_loss_tokens: loss_mask.sum(), host int.
+    """
+
+    loss_mask: torch.Tensor
+    old_log_probs: torch.Tensor
+    advantages: torch.Tensor
+    ref_log_probs: torch.Tensor | None
+    num_loss_tokens: int
+
+
+def micro_batch_inputs(batch: RolloutBatch, rows: Sequence[int], *, packing: bool = True) -> MicroBatchInputs:
+    """The model inputs of the samples `rows` of `batch` (host tensors; see MicroBatchInputs).
+
+    Packing needs every sample to have at least one prompt token (the first response token is predicted from
+    the sample's own last prompt token, never from the previous sample)."""
+    index = torch.as_tensor(list(rows), dtype=torch.int64)
+    prompt_mask = batch.prompt_mask[index].bool()
+    prompt_lens = prompt_mask.sum(-1)
+    p = max(1, int(prompt_lens.max()))
+    resp_len = response_lengths(batch.response_mask[index])
     t = max(1, int(resp_len.max()))
-    prompt_ids = batch.prompt_ids[sl, -p:]
-    response_ids = batch.response_ids[sl, :t]
-    response_attn = torch.arange(t).unsqueeze(0) < resp_len.unsqueeze(-1)
-    attention_mask = torch.cat([prompt_mask[:, -p:], response_attn], dim=1).long()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return MicroBatchInputs(
-        input_ids=torch.cat([prompt_ids, response_ids], dim=1).to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        response_ids=response_ids.to(device),
-        rows=rows,
+    if packing and bool((prompt_lens == 0).any()):
+        raise ValueError("packing needs at least one prompt token per sample (set packing=False otherwise)")
+    tokens = torch.cat([batch.prompt_ids[index, -p:], batch.response_ids[index, :t]], dim=1)  # [b, p + t]
+    response_real = torch.arange(t).unsqueeze(0) < resp_len.unsqueeze(-1)  # [b, t]
+    real = torch.cat([prompt_mask[:, -p:], response_real], dim=1)  # [b, p + t]
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    # flat position of every (sample, column) in the model's input, so position − 1 predicts the token there
+    flat = (real.flatten().cumsum(0) - 1).view_as(real) if packing else torch.arange(real.numel()).view_as(real)
+    sample, column = response_real.nonzero(as_tuple=True)
+    seq_lens = real.sum(-1)
+    num_tokens = int(seq_lens.sum())
+    common = dict(
+        target_index=flat[sample, p + column] - 1,
+        target_ids=tokens[sample, p + column],
+        response_index=sample * t + column,
+        rows=tuple(int(r) for r in rows),
+        response_len=t,
+        num_tokens=num_tokens,
     )
+    if packing:
+        return MicroBatchInputs(
+            input_ids=tokens[real].unsqueeze(0),
+            position_ids=positions[real].unsqueeze(0),
+            attention_mask=None,
+            cu_seq_lens=torch.cat([torch.zeros(1, dtype=torch.int64), seq_lens.cumsum(0)]).to(torch.int32),
+            seq_lens=tuple(seq_lens.tolist()),
+            computed_tokens=num_tokens,
+            **common,
+        )
+    return MicroBatchInputs(
+        input_ids=tokens,
+        position_ids=positions,
+        attention_mask=real.long(),
+        cu_seq_lens=None,
+        seq_lens=(),
+        computed_tokens=real.numel(),
+        **common,
+    )
+
+
+def micro_batch_loss_inputs(batch: RolloutBatch, mask: torch.Tensor, inputs: MicroBatchInputs) -> MicroBatchLossInputs:
+    """The loss inputs of `inputs`' samples (host tensors), cut to its response width. `mask` = loss_mask(batch)."""
+    index = torch.as_tensor(inputs.rows, dtype=torch.int64)
+    t = inputs.response_len
+    mb_mask = mask[index, :t]
+    return MicroBatchLossInputs(
+        loss_mask=mb_mask,
+        old_log_probs=batch.old_log_probs[index, :t],
+        advantages=batch.advantages[index, :t],
+        ref_log_probs=None if batch.ref_log_probs is None else batch.ref_log_probs[index, :t],
+        num_loss_tokens=int(mb_mask.sum()),
+    )
+
+
+def to_device(items: list, device: torch.device) -> list:
+    """`items` (dataclasses, or tensors) with every tensor (field) on `device`, copied with one transfer per
+    dtype (from pinned memory, non-blocking, on CUDA); views of those transfers replace the tensors. On the
+    CPU: unchanged."""
+    if device.type == "cpu":
+        return items
+    slots = []  # (item index, field name or None for a bare tensor, tensor)
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            slots.append((i, None, item))
+            continue
+        for f in dataclasses.fields(item):
+            if isinstance(value := getattr(item, f.name), torch.Tensor):
+                slots.append((i, f.name, value))
+    moved: list[dict] = [{} for _ in items]
+    for dtype in {value.dtype for _, _, value in slots}:
+        group = [(i, name, value) for i, name, value in slots if value.dtype == dtype]
+        flat = torch.cat([value.reshape(-1) for _, _, value in group]).pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        for (i, name, value), part in zip(group, flat.split([v.numel() for _, _, v in group])):
+            moved[i][name] = part.view(value.shape)
+    return [
+        changes[None] if isinstance(item, torch.Tensor) else dataclasses.replace(item, **changes)
+        for item, changes in zip(items, moved)
+    ]

@@ -91,8 +91,9 @@ class LearnerConfig:
     """Samples (prompts × group size) per optimizer step; a step's batch must divide evenly into these, and
     each mini-batch evenly over the ranks."""
     micro_batch_tokens: int
-    """Token budget per micro-batch and rank: rows × (longest prompt + longest response) of the micro-batch,
-    after trimming padding. A single sample longer than the budget is a micro-batch of its own."""
+    """Token budget per micro-batch and rank, in positions the model computes: Σ (prompt + response) tokens
+    of its samples when packed, rows × (longest prompt + longest response) when padded. A single sample longer
+    than the budget is a micro-batch of its own."""
     policy_loss: str = "fipo"
     """Name in advantage.POLICY_LOSSES: "fipo", "dapo" or "grpo"."""
     policy_loss_config: Any = None
@@ -110,6 +111,15 @@ class LearnerConfig:
     """Seed of every rank's torch RNG (offset by the rank)."""
     collective_timeout_s: float = 120.0
     """Timeout of the process group's collectives, seconds: a stuck collective raises after this long."""
+    packing: bool = True
+    """Pack each micro-batch's samples into one row (positions restart per sample, block-diagonal causal
+    attention): no padding is computed. False: one right-padded row per sample (the reference layout)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of storing them (about 1/3 more compute
+    for far less activation memory); the GPU presets turn it on."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk of the LM head + log-softmax (peak extra memory ≈ 3 × chunk × vocab × 4 bytes);
+    0 = all response tokens of a micro-batch at once, materialising [tokens × vocab] float32 logits."""
 
     def __post_init__(self) -> None:
         if self.mini_batch_samples <= 0 or self.micro_batch_tokens <= 0:
@@ -129,6 +139,8 @@ class LearnerConfig:
             )
         if self.collective_timeout_s <= 0:
             raise ValueError(f"LearnerConfig.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        if self.logprob_chunk_tokens < 0:
+            raise ValueError(f"LearnerConfig.logprob_chunk_tokens must be >= 0, got {self.logprob_chunk_tokens}")
 
     @property
     def uses_reference(self) -> bool:

@@ -6,24 +6,21 @@ size 1 do it in-process). All ranks must call the same methods in the same order
 method runs collectives.
 
 What a step does here:
-* `compute_log_probs(batch)`: no-grad forward of [prompt | response], float32 log-softmax of the logits,
-  log-prob of each response token → [B, T] (0 on padding); π_old, or π_ref from a frozen reference copy.
-* `update(batch)`: mini-batches in order (one optimizer step each), each split over the ranks and into
-  micro-batches by a token budget (`learner/batching.py`, the same plan as compute_log_probs, so that on the
-  first mini-batch log π_θ − log π_old is exactly 0 and FIPO equals DAPO bitwise).
+* `compute_log_probs(batch)`: no-grad forward of each sample's [prompt | response], float32 log-prob of each
+  response token → [B, T] (0 on padding); π_old, or π_ref from a frozen reference copy.
+* `update(batch)`: mini-batches in order (one optimizer step each, learner/update.py), each split over the
+  ranks and into micro-batches by a token budget (learner/batching.py: the same plan and the same layout as
+  compute_log_probs, so that on the first mini-batch log π_θ − log π_old is exactly 0 and FIPO equals DAPO
+  bitwise).
 
-Loss normalisation and gradient reduction. The policy loss of a micro-batch is Σ(per-token loss) / N where N
-is the GLOBAL count of the mini-batch (`advantage.loss_normalizer` summed over all micro-batches of all ranks
-with one all_reduce), so the mini-batch gradient is the SUM of the micro-batch gradients over micro-batches
-and ranks. Micro-batch gradients accumulate by summation in `.grad`; FSDP2 reduce-scatters the rank
-gradients with an AVERAGE (divides by world_size), so each backward is taken of `loss · world_size`. The
-result is independent of the micro-batch split and of the world size (tested).
+The pieces: learner/model.py builds and loads the sharded model (meta device, rank 0 reads the checkpoint)
+and its log-prob forward; learner/logprobs.py the chunked LM head; learner/attention.py the packed attention;
+learner/batching.py the plan and the micro-batch tensors; learner/update.py one optimizer step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import shutil
 import time
@@ -40,75 +37,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from advantage import POLICY_LOSSES, RolloutBatch, loss_normalizer
-from learner.batching import loss_mask, micro_batch_inputs, plan_micro_batches
+from learner.batching import (
+    StepPlan,
+    loss_mask,
+    micro_batch_inputs,
+    micro_batch_loss_inputs,
+    plan_step,
+    to_device,
+)
 from learner.config import LearnerConfig
 from learner.distributed import learner_device
+from learner.model import checkpoint_dtype, load_fsdp_model
+from learner.update import MiniBatchWork, train_mini_batch
 
-# Metrics the policy losses return that are partial sums under a global normaliser (summed over
-# micro-batches and ranks); "*_min" / "*_max" reduce with min / max; all others are token-weighted means.
-SUM_METRICS = ("loss", "pg_loss", "kl_loss", "dropped_seqs")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 EXPORT_SHARD_BYTES = 4 << 30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] in float32.
-
-    Args:
-        logits: [b, t, V] any float dtype, the model's prediction for each of the t tokens.
-        token_ids: [b, t] int64, the tokens whose log-probs are wanted.
-    Returns: [b, t] float32.
-    """
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, float32, no grad. logits: [b, t, V] → [b, t]."""
-    with torch.no_grad():
-        logits = logits.detach().float()
-        probs = torch.softmax(logits, dim=-1)
-        return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks (the classes HF lists in `_no_split_modules`, e.g. Qwen2DecoderLayer)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found (looked for classes {sorted(names)})")
-    return layers
-
-
-def load_fsdp_model(model_dir: str, mesh, param_dtype: str, *, trainable: bool) -> torch.nn.Module:
-    """AutoModelForCausalLM from `model_dir` in float32, sharded with FSDP2: one group per decoder layer plus
-    the root (which keeps the embeddings and the head together, as tied embeddings need). Dropout is off
-    (eval mode): the ratio π_θ / π_old must compare deterministic forward passes."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    model.eval()
-    model.requires_grad_(trainable)
-    if param_dtype == "float32":
-        mp_policy = MixedPrecisionPolicy()
-    else:
-        mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=torch.float32)
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-    return model
-
-
-def _checkpoint_dtype(model_dir: str) -> torch.dtype:
-    """The floating dtype `model_dir`'s config.json declares (float32 when it declares none)."""
-    config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, dtype) if isinstance(getattr(torch, dtype, None), torch.dtype) else torch.float32
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -127,17 +73,26 @@ class LearnerWorker:
         self.device = learner_device()
         torch.manual_seed(config.seed + self.rank)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        self.model = load_fsdp_model(config.model_dir, self.mesh, config.param_dtype, trainable=True)
+        load = dict(mesh=self.mesh, device=self.device, param_dtype=config.param_dtype)
+        self.model = load_fsdp_model(
+            config.model_dir, **load, trainable=True, activation_checkpointing=config.activation_checkpointing
+        )
         self.ref_model = None
         if config.uses_reference:
-            ref_dir = config.ref_model_dir or config.model_dir
-            self.ref_model = load_fsdp_model(ref_dir, self.mesh, config.param_dtype, trainable=False)
+            self.ref_model = load_fsdp_model(config.ref_model_dir or config.model_dir, **load, trainable=False)
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
+            self.model.parameters(),
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            # CUDA: the fused kernel, which needs no parameter-sized temporaries (foreach's would hold another
+            # float32 copy of this rank's parameters during the step); the CPU keeps the default
+            fused=True if self.device.type == "cuda" else None,
         )
         self.policy_loss = POLICY_LOSSES.get(config.policy_loss)
-        self._source_dtype = _checkpoint_dtype(config.model_dir)
+        self._source_dtype = checkpoint_dtype(config.model_dir)
         self.optimizer_steps = 0
         """Optimizer steps taken so far; the learning-rate schedule is a function of it."""
         self._warned_single_mini_batch = False
@@ -145,26 +100,19 @@ class LearnerWorker:
     # ------------------------------------------------------------------------------------------------------
     # forward
 
-    def _plan(self, batch: RolloutBatch) -> list[list[range]]:
-        return plan_micro_batches(
+    def _plan(self, batch: RolloutBatch) -> StepPlan:
+        return plan_step(
             batch.prompt_mask,
             batch.response_mask,
             mini_batch_samples=self.config.mini_batch_samples,
             micro_batch_tokens=self.config.micro_batch_tokens,
             world_size=self.world_size,
-            rank=self.rank,
+            packing=self.config.packing,
         )
 
-    def _response_logits(self, model: torch.nn.Module, inputs) -> torch.Tensor:
-        """[b, t, V] logits predicting each response token (the last t + 1 positions, minus the last)."""
-        out = model(
-            input_ids=inputs.input_ids,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-            logits_to_keep=inputs.response_len + 1,
-        )
-        return out.logits[:, :-1]
+    def _inputs(self, batch: RolloutBatch, micro_batches) -> list:
+        """Host inputs of this rank's `micro_batches` (tuples of rows)."""
+        return [micro_batch_inputs(batch, rows, packing=self.config.packing) for rows in micro_batches]
 
     def compute_log_probs(self, batch: RolloutBatch, *, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs of the response tokens under the current (or reference) weights, no grad.
@@ -183,20 +131,16 @@ class LearnerWorker:
         num_rows, width = batch.response_ids.shape
         local = []
         with torch.no_grad():
-            for micro_batches in plan:
-                for rows in micro_batches:
-                    inputs = micro_batch_inputs(batch, rows, self.device)
-                    log_probs = token_log_probs(self._response_logits(model, inputs), inputs.response_ids)
-                    padded = torch.zeros(len(rows), width, dtype=torch.float32, device=self.device)
-                    padded[:, : inputs.response_len] = log_probs
-                    local.append(padded)
-        local = torch.cat(local)  # this rank's share of every mini-batch, in order: [B / world_size, T]
+            for micro_batches in plan.for_rank(self.rank):
+                for inputs in to_device(self._inputs(batch, micro_batches), self.device):
+                    log_probs, _ = model.response_log_probs(inputs, chunk_tokens=self.config.logprob_chunk_tokens)
+                    local.append(torch.nn.functional.pad(log_probs, (0, width - inputs.response_len)))
+        local = torch.cat(local)  # this rank's rows of every mini-batch, in plan order: [B / world_size, T]
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)
-        num_mini = len(plan)
-        share = num_rows // num_mini // self.world_size
-        full = torch.stack(gathered).view(self.world_size, num_mini, share, width).transpose(0, 1)
-        full = full.reshape(num_rows, width).cpu()
+        full = torch.empty(num_rows, width, dtype=torch.float32)
+        for rank, values in enumerate(gathered):
+            full[torch.as_tensor(plan.rank_rows(rank))] = values.cpu()
         return torch.where(batch.response_mask.bool(), full, 0.0)
 
     # ------------------------------------------------------------------------------------------------------
@@ -208,16 +152,17 @@ class LearnerWorker:
         `batch` must carry old_log_probs and advantages (and ref_log_probs when the loss has a KL term).
         Metrics (identical on every rank): learner/loss, learner/grad_norm, learner/lr, learner/entropy,
         every metric the policy loss returns (clip fractions, FIPO's influence-weight statistics, ...) under
-        learner/, learner/num_micro_batches (per rank), learner/response_tokens and
-        perf/learner_tokens_per_s (global). A non-finite gradient norm, or a mini-batch without loss tokens,
-        skips the optimizer step (learner/skipped_step = 1).
+        learner/, learner/num_micro_batches (per rank), learner/response_tokens, perf/learner_tokens_per_s and
+        perf/learner_padded_fraction (global: padding positions computed / all positions computed). A
+        non-finite gradient norm, or a mini-batch without loss tokens, skips the optimizer step
+        (learner/skipped_step = 1).
         """
         if batch.old_log_probs is None or batch.advantages is None:
             raise ValueError("update needs batch.old_log_probs (compute_log_probs) and batch.advantages")
         if self.config.uses_reference and batch.ref_log_probs is None:
             raise ValueError(f"policy loss {self.config.policy_loss!r} has a KL term: update needs ref_log_probs")
-        plan = self._plan(batch)
-        if len(plan) == 1 and self.config.policy_loss == "fipo" and not self._warned_single_mini_batch:
+        plan = self._plan(batch)  # once per step, on the host
+        if plan.num_mini_batches == 1 and self.config.policy_loss == "fipo" and not self._warned_single_mini_batch:
             warnings.warn(
                 "FIPO with one mini-batch per step: θ = θ_old throughout, so FIPO reduces to DAPO "
                 "(use mini_batch_samples < the step's batch size)",
@@ -225,126 +170,45 @@ class LearnerWorker:
             )
             self._warned_single_mini_batch = True
         mask = loss_mask(batch)
-        return [self._update_mini_batch(batch, mask, micro_batches) for micro_batches in plan]
+        return [self._update_mini_batch(batch, mask, plan, m) for m in range(plan.num_mini_batches)]
 
-    def _update_mini_batch(
-        self, batch: RolloutBatch, mask: torch.Tensor, micro_batches: list[range]
-    ) -> dict[str, float]:
+    def _update_mini_batch(self, batch: RolloutBatch, mask: torch.Tensor, plan: StepPlan, m: int) -> dict[str, float]:
         start = time.perf_counter()
-        cfg = self.config.policy_loss_config
-        normalizer = sum(loss_normalizer(mask[rows.start : rows.stop], cfg.loss_agg_mode) for rows in micro_batches).to(
-            self.device
+        rows = plan.mini_batch_rows[m]
+        # every rank holds the whole batch: the mini-batch's global loss denominator needs no communication
+        normalizer = loss_normalizer(mask[rows.start : rows.stop], self.config.policy_loss_config.loss_agg_mode)
+        inputs = self._inputs(batch, plan.micro_batches[m][self.rank])
+        loss_inputs = [micro_batch_loss_inputs(batch, mask, x) for x in inputs]
+        moved = to_device([*inputs, *loss_inputs, normalizer], self.device)  # one transfer per dtype
+        work = MiniBatchWork(
+            inputs=moved[: len(inputs)],
+            loss_inputs=moved[len(inputs) : -1],
+            normalizer=moved[-1],
+            num_loss_tokens=int(mask[rows.start : rows.stop].sum()),
+            has_loss=float(normalizer) > 0,
         )
-        dist.all_reduce(normalizer)  # the mini-batch's global token (or sequence) count
-        self.optimizer.zero_grad(set_to_none=True)
-
-        sums: dict[str, torch.Tensor] = {}
-        mins: dict[str, torch.Tensor] = {}
-        maxs: dict[str, torch.Tensor] = {}
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        loss_tokens, attended_tokens, entropy_sum = zero.clone(), zero.clone(), zero.clone()
-        for rows in micro_batches:
-            inputs = micro_batch_inputs(batch, rows, self.device)
-            t = inputs.response_len
-            sl = slice(rows.start, rows.stop)
-            mb_mask = mask[sl, :t].to(self.device)
-            logits = self._response_logits(self.model, inputs)
-            log_probs = token_log_probs(logits, inputs.response_ids)
-            ref = None if batch.ref_log_probs is None else batch.ref_log_probs[sl, :t].to(self.device)
-            loss, loss_metrics = self.policy_loss.fn(
-                log_probs,
-                batch.old_log_probs[sl, :t].to(self.device),
-                batch.advantages[sl, :t].to(self.device),
-                mb_mask,
-                cfg,
-                ref_log_probs=ref,
-                normalizer=normalizer,
-            )
-            # FSDP2 averages gradients over ranks; the loss is already globally normalised, so ×world_size
-            # turns that average into the sum (see the module docstring).
-            (loss * self.world_size).backward()
-
-            n_tokens = mb_mask.sum().float()
-            entropy_sum += (entropy_from_logits(logits) * mb_mask).sum()
-            loss_tokens += n_tokens
-            attended_tokens += inputs.attention_mask.sum().float()
-            for key, value in loss_metrics.items():
-                value = value.to(self.device, torch.float32)
-                if key in SUM_METRICS:
-                    sums[key] = sums.get(key, zero) + value
-                elif key.endswith("_min"):
-                    mins[key] = torch.minimum(
-                        mins.get(key, zero + math.inf), torch.where(n_tokens > 0, value, math.inf)
-                    )
-                elif key.endswith("_max"):
-                    maxs[key] = torch.maximum(
-                        maxs.get(key, zero - math.inf), torch.where(n_tokens > 0, value, -math.inf)
-                    )
-                else:  # a mean over the micro-batch's tokens: weight it by them
-                    sums[key] = sums.get(key, zero) + value * n_tokens
-            del logits, log_probs, loss
-
-        grad_clip = self.config.optimizer.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), max_norm=math.inf if grad_clip is None else grad_clip
-        )
-        grad_norm = _full(grad_norm).float()
         lr = self.config.optimizer.lr * self.config.lr_schedule.lr_factor(self.optimizer_steps)
-        # the one host sync of the step besides the metrics; a mini-batch without loss tokens takes no step
-        finite = bool(torch.isfinite(grad_norm)) and float(normalizer) > 0
-        if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.optimizer_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-
-        return self._reduce_metrics(
-            sums, mins, maxs, loss_tokens, attended_tokens, entropy_sum,
-            extra={
-                "learner/grad_norm": grad_norm,
-                "learner/lr": lr,
-                "learner/skipped_step": float(not finite),
-                "learner/num_micro_batches": float(len(micro_batches)),
-            },
-            start=start,
-        )  # fmt: skip
-
-    def _reduce_metrics(
-        self,
-        sums: dict[str, torch.Tensor],
-        mins: dict[str, torch.Tensor],
-        maxs: dict[str, torch.Tensor],
-        loss_tokens: torch.Tensor,
-        attended_tokens: torch.Tensor,
-        entropy_sum: torch.Tensor,
-        *,
-        extra: dict,
-        start: float,
-    ) -> dict[str, float]:
-        """One all_reduce per reduction kind over the mini-batch's accumulated metric tensors, one host copy."""
-        sum_keys, min_keys, max_keys = sorted(sums), sorted(mins), sorted(maxs)
-        summed = torch.stack([sums[k] for k in sum_keys] + [loss_tokens, attended_tokens, entropy_sum])
-        dist.all_reduce(summed)
-        lows = torch.stack([mins[k] for k in min_keys]) if min_keys else None
-        highs = torch.stack([maxs[k] for k in max_keys]) if max_keys else None
-        if lows is not None:
-            dist.all_reduce(lows, op=dist.ReduceOp.MIN)
-        if highs is not None:
-            dist.all_reduce(highs, op=dist.ReduceOp.MAX)
-        summed = summed.tolist()
-        tokens, attended, entropy = summed[-3:]
-        metrics: dict[str, float] = {}
-        for key, value in zip(sum_keys, summed):
-            metrics[f"learner/{key}"] = value if key in SUM_METRICS else value / max(tokens, 1.0)
-        for keys, values in ((min_keys, lows), (max_keys, highs)):
-            for key, value in zip(keys, [] if values is None else values.tolist()):
-                metrics[f"learner/{key}"] = value if math.isfinite(value) else 0.0
-        metrics["learner/entropy"] = entropy / max(tokens, 1.0)
-        metrics["learner/response_tokens"] = tokens
-        for key, value in extra.items():
-            metrics[key] = float(value)
-        metrics["perf/learner_tokens_per_s"] = attended / (time.perf_counter() - start)
+        metrics, stepped = train_mini_batch(
+            self.model,
+            self.optimizer,
+            work,
+            policy_loss=self.policy_loss,
+            loss_config=self.config.policy_loss_config,
+            world_size=self.world_size,
+            grad_clip=self.config.optimizer.grad_clip,
+            lr=lr,
+            chunk_tokens=self.config.logprob_chunk_tokens,
+        )
+        self.optimizer_steps += int(stepped)
+        real, computed = plan.tokens(m)  # global, from the plan (host ints)
+        metrics.update({
+            "learner/lr": lr,
+            "learner/skipped_step": float(not stepped),
+            "learner/num_micro_batches": float(len(inputs)),
+            "learner/response_tokens": float(work.num_loss_tokens),
+            "perf/learner_padded_fraction": 1.0 - real / max(computed, 1),
+            "perf/learner_tokens_per_s": real / (time.perf_counter() - start),
+        })  # fmt: skip
         return metrics
 
     # ------------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def learner_config(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Learn
         param_dtype=ln.param_dtype,
         seed=cfg.seed,
         collective_timeout_s=min(ln.timeout_s, 600.0),
+        packing=ln.packing,
+        activation_checkpointing=ln.activation_checkpointing,
+        logprob_chunk_tokens=ln.logprob_chunk_tokens,
     )
 
 
@@ -94,6 +97,7 @@ def prepare_model(cfg: TrainConf) -> str:
     """The policy's HF directory: the configured path, or the tiny model built (once) from the config; then,
     when model.warm_start_steps > 0, the supervised warm-start of it (trained once, cached by a hash)."""
     m = cfg.model
+    init_seed = cfg.seed if m.init_seed is None else m.init_seed
     if m.path:
         path = m.path
         if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -112,18 +116,18 @@ def prepare_model(cfg: TrainConf) -> str:
             num_key_value_heads=m.tiny_kv_heads,
             intermediate_size=m.tiny_intermediate_size,
             max_position_embeddings=max(2048, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens),
-            seed=cfg.seed,
+            seed=init_seed,
         )
     if m.warm_start_steps > 0:
         from orchestration.warm_start import WarmStartConfig, warm_start, with_shortcuts
 
-        examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, cfg.seed)
+        examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, init_seed)
         recipe = WarmStartConfig(
             steps=m.warm_start_steps,
             lr=m.warm_start_lr,
             batch_rows=m.warm_start_batch_prompts,
             warmup_steps=m.warm_start_warmup_steps,
-            seed=cfg.seed,
+            seed=init_seed,
         )
         path = warm_start(path, examples, recipe, m.warm_start_dir)
     return str(path)
@@ -135,7 +139,7 @@ def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
     return make_rows(
         d.synthetic_train_prompts,
         d.synthetic_val_prompts,
-        seed=cfg.seed,
+        seed=cfg.seed if d.synthetic_seed is None else d.synthetic_seed,
         min_steps=d.synthetic_min_steps,
         max_steps=d.synthetic_max_steps,
         max_value=d.synthetic_max_value,

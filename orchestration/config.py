@@ -147,6 +147,10 @@ class ModelConf:
     RL learns which one pays (on the built-in task: reasoning first). 0 = always the full solution."""
     warm_start_dir: str = "outputs/models/warm_start"
     """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
+    init_seed: int | None = None
+    """Seed of the tiny model's random init and of the warm-start (batch order, shortcut targets); null = the
+    run's `seed`. Fix it to start every seed of a study from the same model (one cached warm-start), so that
+    `seed` varies only the RL run (sampling, data order, learner RNG)."""
 
     def __post_init__(self) -> None:
         for key in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
@@ -162,6 +166,7 @@ class ModelConf:
         _positive(self.warm_start_batch_prompts, "model.warm_start_batch_prompts")
         _non_negative(self.warm_start_warmup_steps, "model.warm_start_warmup_steps")
         _check(0.0 <= self.warm_start_shortcut_frac <= 1.0, "model.warm_start_shortcut_frac", "must be in [0, 1]")
+        _check(self.init_seed is None or self.init_seed >= 0, "model.init_seed", "must be >= 0 or null")
 
 
 @dataclass
@@ -186,11 +191,14 @@ class DataConf:
     """Synthetic task: at most this many operations per problem (at least synthetic_min_steps)."""
     synthetic_max_value: int = 30
     """Synthetic task: every intermediate value stays in 0..this (at least 9, the largest start value)."""
+    synthetic_seed: int | None = None
+    """Synthetic task: seed of its problems (and of the train / held-out split); null = the run's `seed`."""
 
     def __post_init__(self) -> None:
         _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
         _positive(self.synthetic_train_prompts, "data.synthetic_train_prompts")
         _non_negative(self.synthetic_val_prompts, "data.synthetic_val_prompts")
+        _check(self.synthetic_seed is None or self.synthetic_seed >= 0, "data.synthetic_seed", "must be >= 0 or null")
         _check(
             1 <= self.synthetic_min_steps <= self.synthetic_max_steps,
             "data.synthetic_min_steps / data.synthetic_max_steps",
@@ -279,7 +287,7 @@ class LearnerConf:
     min_lr_ratio: float = 0.0
     """cosine: final lr as a fraction of the peak."""
     micro_batch_tokens: int = 22528
-    """Token budget per micro-batch and rank (rows × padded length)."""
+    """Token budget per micro-batch and rank (positions computed: Σ tokens when packed, else rows × padded length)."""
     param_dtype: str = "float32"
     """float32 (CPU) | bfloat16 (GPU, fp32 master weights and reductions)."""
     num_cpus_per_rank: float = 1.0
@@ -290,6 +298,12 @@ class LearnerConf:
     """Weight broadcast bucket size, MiB."""
     timeout_s: float = 1800.0
     """Deadline of one learner call (log-probs, update, checkpoint), seconds."""
+    packing: bool = True
+    """Pack each micro-batch's samples into one row, no padding (block-diagonal causal attention)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (far less memory, ~1/3 more compute)."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk of the LM head's log-softmax, bounding its memory (0 = all logits at once)."""
 
     def __post_init__(self) -> None:
         for key in ("world_size", "lr", "micro_batch_tokens", "weight_bucket_mb", "timeout_s"):
@@ -301,6 +315,7 @@ class LearnerConf:
         )
         for key in ("weight_decay", "grad_clip", "warmup_steps", "num_cpus_per_rank", "num_gpus_per_rank"):
             _non_negative(getattr(self, key), f"learner.{key}")
+        _non_negative(self.logprob_chunk_tokens, "learner.logprob_chunk_tokens")
         _one_of(self.lr_schedule, ("constant", "cosine"), "learner.lr_schedule")
         _check(0 <= self.min_lr_ratio <= 1, "learner.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _one_of(self.param_dtype, ("float32", "bfloat16"), "learner.param_dtype")

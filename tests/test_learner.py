@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from advantage import POLICY_LOSSES
-from learner.batching import micro_batch_inputs, plan_micro_batches, response_lengths
+from learner.batching import micro_batch_inputs, plan_step, response_lengths
 from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
 from learner.distributed import free_port, init_distributed
 from learner.synthetic import random_batch
@@ -67,48 +67,56 @@ def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # pure parts
 
 
-def test_plan_splits_mini_batches_ranks_and_token_budget():
+@pytest.mark.parametrize("packing", [True, False])
+def test_plan_splits_mini_batches_ranks_and_token_budget(packing):
     batch = random_batch(16, vocab_size=VOCAB_SIZE, prompt_len=(2, 6), response_len=(1, 30), seed=3)
     p_len, r_len = batch.prompt_mask.sum(-1), response_lengths(batch.response_mask)
     budget = 60
-    plans = [
-        plan_micro_batches(
-            batch.prompt_mask,
-            batch.response_mask,
-            mini_batch_samples=8,
-            micro_batch_tokens=budget,
-            world_size=2,
-            rank=rank,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    for m in range(2):  # two mini-batches of 8, rank r holds rows [8m + 4r, 8m + 4r + 4)
-        counts = {len(plans[rank][m]) for rank in range(2)}
-        assert len(counts) == 1, "every rank runs the same number of micro-batches"
-        for rank in range(2):
-            parts = plans[rank][m]
-            rows = [i for part in parts for i in part]
-            assert rows == list(range(8 * m + 4 * rank, 8 * m + 4 * rank + 4))
-            for part in parts:
-                cost = len(part) * int(p_len[part.start : part.stop].max() + r_len[part.start : part.stop].max())
-                assert len(part) == 1 or cost <= budget
-    one_each = plan_micro_batches(
-        batch.prompt_mask, batch.response_mask, mini_batch_samples=8, micro_batch_tokens=1, world_size=1, rank=0
+
+    def cost(part):  # positions computed: packed Σ tokens, padded rows × (longest prompt + longest response)
+        if packing:
+            return int(sum(p_len[i] + r_len[i] for i in part))
+        return len(part) * int(max(p_len[i] for i in part) + max(r_len[i] for i in part))
+
+    plan = plan_step(
+        batch.prompt_mask, batch.response_mask, mini_batch_samples=8, micro_batch_tokens=budget, world_size=2,
+        packing=packing,
+    )  # fmt: skip
+    assert plan.num_mini_batches == 2
+    for m in range(2):  # two mini-batches of 8: each rank holds 4 of the mini-batch's rows
+        per_rank = plan.micro_batches[m]
+        assert len({len(parts) for parts in per_rank}) == 1, "every rank runs the same number of micro-batches"
+        rows = [sorted(i for part in parts for i in part) for parts in per_rank]
+        assert [len(r) for r in rows] == [4, 4] and sorted(rows[0] + rows[1]) == list(range(8 * m, 8 * m + 8))
+        for parts in per_rank:
+            assert all(len(part) == 1 or cost(part) <= budget for part in parts)
+    one_each = plan_step(
+        batch.prompt_mask, batch.response_mask, mini_batch_samples=8, micro_batch_tokens=1, world_size=1
     )
-    assert [len(parts) for parts in one_each] == [8, 8]  # a sample over the budget is its own micro-batch
+    assert [len(parts[0]) for parts in one_each.micro_batches] == [8, 8]  # over the budget: one sample each
     with pytest.raises(ValueError, match="16 samples .* mini_batch_samples=6"):
-        plan_micro_batches(
-            batch.prompt_mask, batch.response_mask, mini_batch_samples=6, micro_batch_tokens=9, world_size=1, rank=0
-        )
+        plan_step(batch.prompt_mask, batch.response_mask, mini_batch_samples=6, micro_batch_tokens=9, world_size=1)
     with pytest.raises(ValueError, match="mini_batch_samples=8 .* world_size=3"):
-        plan_micro_batches(
-            batch.prompt_mask, batch.response_mask, mini_batch_samples=8, micro_batch_tokens=9, world_size=3, rank=0
-        )
+        plan_step(batch.prompt_mask, batch.response_mask, mini_batch_samples=8, micro_batch_tokens=9, world_size=3)
+
+
+def test_plan_balances_tokens_over_ranks():
+    """Hand-worked: samples of 10, 8, 1 and 1 tokens over two ranks. Consecutive halves would give 18 vs 2
+    tokens; longest-first to the least-loaded rank with room gives {10, 1} and {8, 1}."""
+    prompt_mask = torch.ones(4, 1, dtype=torch.bool)
+    response_mask = torch.arange(9).unsqueeze(0) < torch.tensor([9, 7, 0, 0]).unsqueeze(1)
+    plan = plan_step(prompt_mask, response_mask, mini_batch_samples=4, micro_batch_tokens=100, world_size=2)
+    assert [sorted(plan.rank_rows(r)) for r in range(2)] == [[0, 3], [1, 2]]
+    assert plan.tokens(0) == (20, 20)  # packed: every computed position is a real token
+    padded = plan_step(
+        prompt_mask, response_mask, mini_batch_samples=4, micro_batch_tokens=100, world_size=2, packing=False
+    )
+    assert padded.tokens(0) == (20, 2 * (1 + 9) + 2 * (1 + 7))  # rows × (longest prompt + longest response)
 
 
 def test_micro_batch_inputs_trim_padding_and_count_positions():
     batch = random_batch(4, vocab_size=VOCAB_SIZE, prompt_len=(2, 6), response_len=(1, 9), group_size=1, seed=1)
-    inputs = micro_batch_inputs(batch, range(0, 4))
+    inputs = micro_batch_inputs(batch, range(0, 4), packing=False)
     p = int(batch.prompt_mask.sum(-1).max())
     t = int(response_lengths(batch.response_mask).max())
     assert inputs.input_ids.shape == (4, p + t) and inputs.response_len == t
@@ -176,28 +184,38 @@ def test_log_probs_and_gradient_match_a_plain_hf_model(model_dir, process_group)
     assert metrics[0]["learner/loss"] == pytest.approx(float(total_loss.detach()), rel=1e-5, abs=1e-7)
 
 
-def test_one_or_four_micro_batches_give_the_same_update(model_dir, process_group):
+@pytest.mark.parametrize("packing", [True, False])
+def test_one_or_several_micro_batches_give_the_same_update(model_dir, process_group, packing):
     batch = random_batch(8, vocab_size=VOCAB_SIZE, response_len=(8, 16), seed=7)
     results = []
     for budget in (10_000, 60):
-        worker = LearnerWorker(make_config(model_dir, micro_batch_tokens=budget))
+        worker = LearnerWorker(make_config(model_dir, micro_batch_tokens=budget, packing=packing))
         metrics = worker.update(with_old_log_probs(worker, batch))
         results.append((metrics[0], worker.full_state_dict(optimizer=True)))
     (m1, s1), (m4, s4) = results
-    assert (m1["learner/num_micro_batches"], m4["learner/num_micro_batches"]) == (1, 4)
+    assert m1["learner/num_micro_batches"] == 1 and m4["learner/num_micro_batches"] >= 3
     assert rel_err(s4["model"], s1["model"]) < 1e-5
     assert rel_err(gradients_from_adam(s4, 0.9), gradients_from_adam(s1, 0.9)) < 1e-5
     for key in ("learner/loss", "learner/grad_norm", "learner/entropy", "learner/response_tokens"):
         assert m4[key] == pytest.approx(m1[key], rel=1e-5), key
 
 
-def test_fipo_first_mini_batch_is_exactly_dapo(model_dir, process_group):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(packing=True),
+        dict(packing=False),
+        dict(packing=True, logprob_chunk_tokens=7, activation_checkpointing=True),
+    ],
+    ids=["packed", "padded", "packed-chunked-checkpointed"],
+)
+def test_fipo_first_mini_batch_is_exactly_dapo(model_dir, process_group, layout):
     """FIPO_SPEC §4: on the first mini-batch θ = θ_old, so Δ ≡ 0 (the recompute is bitwise the training
     forward), f ≡ 1 and the update is DAPO's bit for bit; on the second the policy has moved."""
     batch = random_batch(16, vocab_size=VOCAB_SIZE, seed=11)
     fipo_cfg = POLICY_LOSSES.get("fipo").make_config(weight_clip=0.2, weight_clip_high_only=False)
     dapo_cfg = POLICY_LOSSES.get("dapo").make_config(clip_low=fipo_cfg.clip_low, clip_high=fipo_cfg.clip_high)
-    micro = dict(micro_batch_tokens=150)  # several micro-batches per mini-batch
+    micro = dict(micro_batch_tokens=60, **layout)  # several micro-batches per mini-batch
     fipo = LearnerWorker(make_config(model_dir, policy_loss="fipo", policy_loss_config=fipo_cfg, **micro))
     dapo = LearnerWorker(make_config(model_dir, policy_loss="dapo", policy_loss_config=dapo_cfg, **micro))
     batch = with_old_log_probs(fipo, batch)
@@ -257,12 +275,13 @@ def test_hf_export_loads_unchanged_in_transformers(model_dir, process_group, tmp
     assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
-    inputs = micro_batch_inputs(batch, range(0, 8))
+    inputs = micro_batch_inputs(batch, range(0, 8), packing=False)
     with torch.no_grad():
         logits = model(
             input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
         ).logits[:, -inputs.response_len - 1 : -1]
-    log_probs = torch.log_softmax(logits, -1).gather(-1, inputs.response_ids.unsqueeze(-1)).squeeze(-1)
+    response_ids = batch.response_ids[:, : inputs.response_len]
+    log_probs = torch.log_softmax(logits, -1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     log_probs = log_probs * batch.response_mask[:, : inputs.response_len]
     torch.testing.assert_close(log_probs, worker.compute_log_probs(batch)[:, : inputs.response_len])
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
