@@ -374,6 +374,7 @@ def _fipo_metrics(
         "influence_weights_raw_min": masked_min(raw).float(),
         "influence_weights_raw_max": masked_max(raw).float(),
         "influence_weights_clipfrac_upper": masked_mean((raw > hi).float(), mask),
+        "influence_weights_active_frac": masked_mean(((weights - 1.0).abs() > 0.01).float(), mask),
         "influence_weights_clipfrac_lower": masked_mean((raw < lo).float(), mask),
         "filtered_token_frac": masked_mean((delta > math.log(config.clip_c)).float(), mask),
         "neg_adv_ratio_2_3_frac": masked_mean(((ratio >= 2) & (ratio < 3)).float(), neg),

@@ -243,8 +243,10 @@ def render_html(traces: Sequence[Trace], config: FIPOLossConfig, title: str) -> 
     return "\n".join(parts)
 
 
-def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path, title: str) -> Path:
-    """Per trace: Δ as bars, F and f as lines over the response tokens (token text on the x axis)."""
+def credit_figure(traces: Sequence[Trace], config: FIPOLossConfig, title: str):
+    """Per trace: Δ as bars, F and f as lines over the response tokens (token text on the x axis). Axes show
+    plain values, never matplotlib's offset notation ("1e-5+1" above the axis); the weight axis spans the
+    configured clip range, so weights that barely move read as the flat line near 1 they are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,6 +255,10 @@ def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path
     n = max(len(traces), 1)
     width = max(10.0, 0.22 * max((len(t.tokens) for t in traces), default=10))
     fig, axes = plt.subplots(n, 1, figsize=(width, 3.2 * n), squeeze=False, constrained_layout=True)
+    if config.weight_clip > 0:
+        lo, hi = (1.0 if config.weight_clip_high_only else 1.0 - config.weight_clip), 1.0 + config.weight_clip
+    else:  # the official "cap at 10" mode: no fixed range
+        lo, hi = 1.0, 1.0
     for ax, trace in zip(axes[:, 0], traces):
         x = list(range(len(trace.tokens)))
         ax.bar(x, trace.delta, color=["tab:red" if d > 0 else "tab:blue" for d in trace.delta], alpha=0.4, label="Δ")
@@ -263,6 +269,10 @@ def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path
         ax2 = ax.twinx()
         ax2.plot(x, trace.weights, color="tab:green", lw=2, label="f (weight)")
         ax2.set_ylabel("f", color="tab:green")
+        weights = list(trace.weights) or [1.0]
+        ax2.set_ylim(min(lo, *weights) - 0.02, max(hi, *weights) + 0.02)
+        for axis in (ax, ax2):
+            axis.ticklabel_format(axis="y", style="plain", useOffset=False)
         reward = "" if trace.reward is None else f"  (reward {trace.reward:+g})"
         ax.set_title(" / ".join(m["content"] for m in trace.messages) + reward, fontsize=9)
         lines = ax.get_legend_handles_labels()
@@ -270,6 +280,14 @@ def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper right")
     params = f"τ = {config.decay_rate:g}, c = {config.clip_c:g}, ε_f = {config.weight_clip:g}"
     fig.suptitle(f"{title}\n({params})", fontsize=10, wrap=True)  # long checkpoint paths wrap, not clip
+    return fig
+
+
+def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path, title: str) -> Path:
+    """credit_figure saved as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = credit_figure(traces, config, title)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -111,6 +111,8 @@ def test_fipo_loss_matches_float64_reference(seed, scale, tau, eps_f, high_only,
     weights = [w for lp, lo, a, m in zip(*rows) for w, mm in zip(ref.fipo_token_losses(lp, lo, a, m, **kw)[1], m) if mm]
     assert metrics["influence_weights_mean"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-5)
     assert metrics["influence_weights_min"].item() == pytest.approx(min(weights), rel=1e-5)
+    active = sum(abs(w - 1.0) > 0.01 for w in weights) / len(weights)
+    assert metrics["influence_weights_active_frac"].item() == pytest.approx(active, abs=1e-6)
 
 
 @SETTINGS

@@ -117,3 +117,28 @@ def test_sampled_traces_and_png(checkpoints, tmp_path):
 
     with Image.open(out / "credit.png") as image:
         assert image.format == "PNG" and image.size[0] >= 500 and image.size[1] >= 300
+
+
+def test_png_axes_show_plain_values_not_offset_notation():
+    """Weights of 1 + 1e-5 once showed as "1e-5+1" above the axis; now every axis reads plain values and the
+    weight axis spans the clip range [1, 1.2]."""
+    import matplotlib.pyplot as plt
+
+    from advantage import FIPOLossConfig
+    from orchestration.credit import Trace, credit_figure
+
+    n = 6
+    trace = Trace(
+        messages=[{"role": "user", "content": "Compute left to right: 1 +2"}], response="1+2=3", response_ids=[1] * n,
+        tokens=list("1+2=3\n"), old_log_probs=[-1.0] * n, new_log_probs=[-1.0 + 1e-6] * n, delta=[1e-6] * n,
+        future_kl=[1e-5 * (n - i) for i in range(n)], weights=[1.0 + 1e-5 * (n - i) for i in range(n)],
+        participates=[True] * n, safety_if_negative=[False] * n, reward=1.0,
+    )  # fmt: skip
+    fig = credit_figure([trace], FIPOLossConfig(), "old → new")
+    fig.canvas.draw()
+    weight_axis = fig.axes[1]
+    lo, hi = weight_axis.get_ylim()
+    assert lo <= 1.0 and hi >= 1.2
+    for ax in fig.axes:
+        assert ax.yaxis.get_offset_text().get_text() == "", ax.get_ylabel()
+    plt.close(fig)
