@@ -16,7 +16,8 @@ writes into `--output-dir`:
 
 Final values: the held-out metrics of each run's last evaluation (eval/avg_at_k, cons_at_k, pass_at_k,
 response_length_mean), and the training batch's response length, entropy and reward accuracy averaged over
-the run's last `--last-steps` steps (default 5: one step is noisy). Confidence intervals use Student's t with
+the run's last `--last-steps` steps (default 5: one step is noisy), and the run's wall time (the sum of its
+steps' `timing_s/step`, evaluations included). Confidence intervals use Student's t with
 n − 1 degrees of freedom (n runs, or n paired seeds); n = 1 gives no interval.
 """
 
@@ -47,6 +48,8 @@ FINAL_TRAIN = {
     "learner/entropy": "entropy",
     "reward/accuracy": "train accuracy",
 }
+# Per run: the sum of its steps' wall times (evaluations and checkpoints included; start-up excluded).
+FINAL_RUN = {"train_seconds": "wall time per run (s)"}
 # Curves of compare.png: (key, title, is an evaluation metric).
 CURVES = (
     ("avg_at_k", "held-out avg@k", True),
@@ -137,6 +140,7 @@ def load_run(run_dir: Path, group_by: Sequence[str], pair_by: str | None, last_s
     for key in FINAL_TRAIN:
         values = [row[key] for row in tail if row.get(key) is not None]
         final[key] = statistics.fmean(values) if values else None
+    final["train_seconds"] = sum(row.get("timing_s/step") or 0.0 for row in rows)
     return {"run": str(run_dir), "group": group, "pair": pair, "steps": len(rows), "final": final, "rows": rows}
 
 
@@ -144,19 +148,26 @@ def compare(
     runs: Sequence[dict[str, Any]], baseline: str | None = None
 ) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, dict]]]:
     """(per group: per metric mean_ci of the runs' final values; per non-baseline group: per metric mean_ci of
-    the paired differences group − baseline over shared pairing values). The baseline is the group whose label
-    ends with `=<baseline>` (or equals it), else the first group in sorted order."""
+    the paired differences group − baseline over shared pairing values). The baseline is the group whose label is
+    `baseline`, or the one group with a `key=<baseline>` part (e.g. "dapo"); by default the first in sorted order."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         groups[run["group"]].append(run)
     labels = sorted(groups)
-    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN)
+    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN) + list(FINAL_RUN)
     table = {
         label: {m: mean_ci([r["final"][m] for r in groups[label] if r["final"][m] is not None]) for m in metrics}
         for label in labels
     }
-    base = next((label for label in labels if baseline and label.split("=")[-1] == baseline), None)
-    base = base or (baseline if baseline in groups else labels[0])
+    base = labels[0]
+    if baseline is not None:
+        matches = [label for label in labels if label == baseline or any(
+            part.split("=", 1)[-1] == baseline for part in label.split(", "))]  # fmt: skip
+        if len(matches) != 1:
+            raise ValueError(
+                f"--baseline {baseline!r} matches {len(matches)} of the groups {labels}; give a full label"
+            )
+        base = matches[0]
     paired: dict[str, dict[str, dict]] = {}
     for label in labels:
         if label == base:
@@ -183,7 +194,7 @@ def _fmt(stats: Mapping[str, Any], scale: float) -> str:
 
 def markdown(table: Mapping[str, Mapping], paired: Mapping[str, Mapping], runs: Sequence[dict]) -> str:
     """The tables of compare.md: accuracies in percent (points for differences), lengths in tokens."""
-    names = FINAL_EVAL | FINAL_TRAIN
+    names = FINAL_EVAL | FINAL_TRAIN | FINAL_RUN
     scale = {m: 100.0 if ("_at_k" in m or "accuracy" in m) else 1.0 for m in names}
     header = "| group | n | " + " | ".join(f"{names[m]}{' (%)' if scale[m] == 100 else ''}" for m in names) + " |"
     lines = [

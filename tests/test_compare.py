@@ -18,6 +18,7 @@ def write_run(path, algorithm, seed, final_avg, steps=8):
     rows = []
     for step in range(steps):
         row = {"step": step, "rollout/response_length_mean": (20.0 + seed if algorithm == "fipo" else 10.0) + step}
+        row["timing_s/step"] = 2.0
         if step == 0:
             row["eval/initial_avg_at_k"] = 0.1
         if step == steps - 1:
@@ -65,6 +66,7 @@ def test_compare_groups_intervals_and_paired_differences(sweep_dir, capsys):
     # paired by seed: fipo − dapo = 0.1, 0.0, 0.2 → mean 0.1, sample std 0.1
     diff = report["paired_differences"]["algorithm=fipo − algorithm=dapo"]["eval/avg_at_k"]
     assert diff["n"] == 3 and math.isclose(diff["mean"], 0.1) and math.isclose(diff["ci95"], half)
+    assert fipo["train_seconds"]["mean"] == 16.0  # 8 steps of 2 s
     table = (sweep_dir / "compare.md").read_text()
     assert (
         "| algorithm=fipo | 3 | 60.0 ± 24.8 |" in table
@@ -78,6 +80,13 @@ def test_group_by_a_plain_key_and_errors_that_name_the_problem(sweep_dir, tmp_pa
     report = main([str(sweep_dir), "--group-by", "algorithm.decay_rate", "--output-dir", str(tmp_path / "out")])
     assert list(report["groups"]) == ["algorithm.decay_rate=32.0"] and not report["paired_differences"]
     assert report["groups"]["algorithm.decay_rate=32.0"]["eval/avg_at_k"]["n"] == 6
+    with pytest.raises(ValueError, match="matches 0 of the groups"):
+        main([str(sweep_dir), "--baseline", "grpo", "--output-dir", str(tmp_path / "out")])
+    two_keys = main([str(sweep_dir), "--group-by", "algorithm", "learner.lr", "--baseline", "dapo",
+                     "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert list(two_keys["paired_differences"]) == [
+        "algorithm=fipo, learner.lr=0.0001 − algorithm=dapo, learner.lr=0.0001"
+    ]
     with pytest.raises(KeyError, match="no key 'trainer.nope'"):
         main([str(sweep_dir), "--group-by", "trainer.nope", "--output-dir", str(tmp_path / "out")])
     (tmp_path / "empty").mkdir()

@@ -175,3 +175,17 @@ def test_train_rejects_a_bad_value_in_seconds_before_building_anything(tmp_path)
     assert "ConfigError: learner.lr: must be > 0, got -1.0" in result.stderr
     assert not (tmp_path / "tiny").exists() and not (tmp_path / "ws").exists()
     assert not (out / "checkpoints").exists() and not (tmp_path / ".ray").exists()
+
+
+def test_study_preset_runs_eight_optimizer_steps_per_batch_from_one_shared_start():
+    from orchestration.builders import sizes_from_config
+
+    for algorithm in ("fipo", "dapo"):
+        cfg = load("experiment=study_fipo_vs_dapo", f"algorithm={algorithm}", "seed=3")
+        assert cfg.algorithm.policy_loss == algorithm and sizes_from_config(cfg).mini_batches_per_step == 8
+        assert (cfg.model.init_seed, cfg.data.synthetic_seed, cfg.seed) == (0, 0, 3)
+        assert (cfg.data.synthetic_min_steps, cfg.data.synthetic_max_steps, cfg.rollout.max_response_tokens) == (
+            10,
+            12,
+            160,
+        )

@@ -1,9 +1,11 @@
 """Hydra sweeps end to end, in a fresh shell (nothing exported, a new home folder, the venv not on PATH):
 
-* a 2×2 sweep `-m algorithm=fipo,dapo seed=0,1` writes four runs, each in the folder named after its swept
-  values, each its own wandb run grouped by the sweep with the algorithm as job type and `trainer/step` as
-  the x axis; when it ends, the comparison (table + PNG) is in the sweep folder, with numbers that match a
-  hand computation from the members' metrics.jsonl;
+* a 2×2 sweep `-m experiment=study_fipo_vs_dapo algorithm=fipo,dapo seed=0,1` (the FIPO study's pipeline,
+  docs/fipo_vs_dapo.md, shortened: 8 optimizer steps per rollout batch of 8 prompts) writes four runs, each in
+  the folder named after its swept values, each its own wandb run grouped by the sweep with the algorithm as
+  job type and `trainer/step` as the x axis; FIPO's influence-weight activity is logged for its last
+  mini-batch; when the sweep ends, the comparison (table + PNG) is in the sweep folder, with numbers that
+  match a hand computation from the members' metrics.jsonl;
 * a member that fails (after Ray and its actors started) does not stop the next one: the sweep exits non-zero
   naming the failure, and the other member's results are complete.
 """
@@ -41,7 +43,10 @@ def fresh_shell(tmp_path: Path) -> dict[str, str]:
 
 
 def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "orchestration.train", "-m", *overrides, *SMALL,
+    """`python -m orchestration.train -m` with `overrides`, then SMALL's keys that `overrides` does not set."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    small = [o for o in SMALL if o.split("=", 1)[0] not in keys]
+    cmd = [sys.executable, "-m", "orchestration.train", "-m", *overrides, *small,
            f"model.tiny_dir={tmp_path / 'tiny'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=fresh_shell(tmp_path), capture_output=True, text=True, timeout=900)
 
@@ -52,7 +57,9 @@ def final_eval(run_dir: Path, key: str) -> float:
 
 
 def test_two_by_two_sweep_writes_four_grouped_runs_and_their_comparison(tmp_path):
-    result = sweep(tmp_path, "algorithm=fipo,dapo", "seed=0,1", "algorithm.filter_groups=false")
+    study = ["experiment=study_fipo_vs_dapo", "algorithm.train_batch_prompts=8", "algorithm.gen_batch_prompts=8",
+             "algorithm.mini_batch_prompts=1"]  # fmt: skip
+    result = sweep(tmp_path, *study, "algorithm=fipo,dapo", "seed=0,1", "algorithm.filter_groups=false")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     root = tmp_path / "sweep"
     members = {f"algorithm={a},seed={s}": (a, s) for a in ("fipo", "dapo") for s in (0, 1)}
@@ -64,7 +71,10 @@ def test_two_by_two_sweep_writes_four_grouped_runs_and_their_comparison(tmp_path
         info = json.loads((run / "run_info.json").read_text())
         assert (info["config"]["algorithm"]["name"], info["config"]["seed"]) == (algorithm, seed)
         assert info["config"]["trainer"]["output_dir"] == str(run)
-        assert info["sizes"]["mini_batches_per_step"] == 2 and info["git_commit"]
+        assert info["sizes"]["mini_batches_per_step"] == 8 and info["git_commit"]
+        assert info["config"]["model"]["init_seed"] == 0 and info["config"]["data"]["synthetic_seed"] == 0
+        if algorithm == "fipo":
+            assert all(0 <= row["learner/last_mini_batch/influence_weights_active_frac"] <= 1 for row in rows)
         (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
         record = run_record(wandb_file)
         assert (record.display_name, record.run_group, record.job_type) == (name, "sweep", algorithm)
