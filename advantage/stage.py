@@ -18,10 +18,30 @@ from advantage.losses import masked_mean
 
 @dataclass(frozen=True)
 class AdvantageStageConfig:
-    """norm_by_std / eps: passed to the estimator (GRPO: True / 1e-6; Dr.GRPO ignores norm_by_std)."""
+    """norm_by_std / eps: passed to the estimator (GRPO: True / 1e-6; Dr.GRPO ignores norm_by_std).
+
+    rollout_is_cap: truncated importance sampling of the gap between the behaviour policy (the engine that
+        sampled, `rollout_log_probs`) and π_old (the learner's recomputation): each token's advantage is
+        multiplied by w = min(π_old / π_rollout, cap), w detached (token-level TIS, as verl's rollout
+        correction). For the clipped surrogates here this equals multiplying the per-token policy loss by w,
+        since w > 0 factors out of min / max. None = off (the default, as in verl and the official recipes).
+    """
 
     norm_by_std: bool = True
     eps: float = 1e-6
+    rollout_is_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rollout_is_cap is not None and not self.rollout_is_cap > 0:
+            raise ValueError(f"rollout_is_cap must be > 0 or None, got {self.rollout_is_cap}")
+
+
+def masked_quantiles(values: torch.Tensor, mask: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
+    """[len(qs)] quantiles of `values` over the True entries of `mask` (zeros when there are none)."""
+    picked = values[mask].float()
+    if picked.numel() == 0:
+        return torch.zeros(len(qs))
+    return torch.quantile(picked, torch.tensor(qs, dtype=torch.float32))
 
 
 def compute_advantages(
@@ -29,9 +49,10 @@ def compute_advantages(
 ) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
     """Fill `advantages` [B, T] (float32, 0 off the mask) and clear the mask of non-OK samples.
 
-    Metrics: advantage statistics, and the rollout-vs-learner log-prob mismatch over valid tokens
-    (mean/max |log π_rollout − log π_old| and the k1 / k3 KL estimates of KL(π_rollout ‖ π_old)), when
-    old_log_probs are present.
+    Metrics: advantage statistics, and the rollout-vs-learner log-prob mismatch over valid tokens when
+    old_log_probs are present: mean/max |log π_rollout − log π_old|, the k1 / k3 estimates of
+    KL(π_rollout ‖ π_old), quantiles of the ratio π_old / π_rollout, and with `rollout_is_cap` the mean
+    importance weight and the share of tokens the cap truncates (the advantages then carry the weights).
     """
     if batch.rewards is None or batch.reward_status is None:
         raise ValueError("compute_advantages needs a scored batch (rewards and reward_status)")
@@ -47,14 +68,25 @@ def compute_advantages(
     }
     if batch.old_log_probs is not None:
         diff = batch.rollout_log_probs - batch.old_log_probs  # log π_rollout − log π_old
+        ratio = torch.exp(-diff)  # π_old / π_rollout
+        p05, p50, p95 = masked_quantiles(ratio, mask, (0.05, 0.5, 0.95))
         metrics.update(
             {
                 "mismatch/abs_log_prob_diff_mean": masked_mean(diff.abs(), mask),
                 "mismatch/abs_log_prob_diff_max": torch.where(mask, diff.abs(), 0.0).max(),
                 "mismatch/kl_k1": masked_mean(diff, mask),
-                "mismatch/kl_k3": masked_mean(torch.exp(-diff) + diff - 1.0, mask),
+                "mismatch/kl_k3": masked_mean(ratio + diff - 1.0, mask),
+                "mismatch/ratio_p05": p05,
+                "mismatch/ratio_p50": p50,
+                "mismatch/ratio_p95": p95,
+                "mismatch/ratio_max": torch.where(mask, ratio, 0.0).max(),
             }
         )
+        if config.rollout_is_cap is not None:
+            weights = ratio.clamp(max=config.rollout_is_cap)
+            advantages = torch.where(mask, advantages * weights, 0.0)
+            metrics["mismatch/is_weight_mean"] = masked_mean(weights, mask)
+            metrics["mismatch/is_truncated_frac"] = masked_mean((ratio > config.rollout_is_cap).float(), mask)
     return batch.replace(advantages=advantages, response_mask=mask), metrics
 
 

@@ -6,9 +6,11 @@ on GPUs): the group picks rank 0's address and a free port and starts `init_proc
 once (sequential calls would deadlock), with a timeout so that stuck collectives raise.
 
 Every group call sends the same method to all ranks and waits on all of them with a deadline: the first rank
-that raises makes the call raise `LearnerRankError` in the driver at once, with that rank's traceback; the
-other ranks, stuck in a collective with the dead one, raise after the process-group timeout. A group that
-failed is unusable: `shutdown()` it and build a new one (or restore a checkpoint into a new one).
+that raises (or dies) makes the call raise `LearnerRankError` in the driver at once, with that rank's
+traceback; the other ranks, stuck in a collective with the dead one, raise after the process-group timeout.
+A group that failed is unusable (`failed` says why): `shutdown()` it (which kills every rank, also those
+stuck in a collective) and build a new one, then restore a checkpoint into it; the trainer does that by
+itself (orchestration/steps.py `recover_learner`).
 
 Weights for the rollout engines leave through the object store, one bucket (`list[tuple[str, Tensor]]` of
 full HF-named tensors) per task: every rank runs one gather task per bucket and rank 0's task returns the
@@ -19,6 +21,7 @@ gathers bucket k + 1 (`start_weight_buckets` / `finish_weight_buckets`; `orchest
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +34,11 @@ from learner.distributed import free_port, init_distributed
 
 
 class LearnerRankError(RuntimeError):
-    """A learner rank raised; the message names the rank and the method and carries its traceback."""
+    """A learner rank raised or died; the message names the rank and the method and carries its traceback."""
+
+    def __init__(self, message: str, *, rank: int, method: str) -> None:
+        super().__init__(message)
+        self.rank, self.method = rank, method
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,14 @@ class _LearnerActor:
     def __init__(self) -> None:
         self.worker = None
 
-    def start(self) -> tuple[str, int]:
-        """Import the heavy modules now (so that the rendezvous in `setup` is quick); return (ip, free port)."""
+    def start(self) -> tuple[str, int, int, str]:
+        """Import the heavy modules now (so that the rendezvous in `setup` is quick); return (ip, free port,
+        this process's pid, its Ray node id)."""
+        import os
+
         import learner.worker  # noqa: F401
 
-        return ray.util.get_node_ip_address(), free_port()
+        return ray.util.get_node_ip_address(), free_port(), os.getpid(), ray.get_runtime_context().get_node_id()
 
     def setup(self, config: LearnerConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         from learner.worker import LearnerWorker
@@ -93,6 +103,9 @@ class LearnerGroup:
         num_gpus_per_rank: Ray GPUs per actor (1 on a GPU cluster: NCCL is used when CUDA is visible).
         call_timeout_s: deadline of every group call, seconds (a rank that takes longer raises TimeoutError).
         actor_options: extra `ray.remote` options (e.g. scheduling_strategy for a placement group).
+
+    `on_submit(phase, processes)`, a hook the driver may install (fault drills), is called right after every
+    call's tasks are submitted, with the LearnerWorker method (or "weight_buckets") and {rank: (pid, node_id)}.
     """
 
     def __init__(
@@ -109,6 +122,7 @@ class LearnerGroup:
         self.world_size = world_size
         self.call_timeout_s = call_timeout_s
         self._failed: str | None = None
+        self.on_submit: Callable[[str, dict[int, tuple[int, str]]], None] | None = None
         self.unfinished: list[ray.ObjectRef] = []
         """After a failed call: the refs of the tasks that had not finished (ranks stuck in a collective with
         a failed rank raise after the process-group timeout; `ray.get` them to see it)."""
@@ -117,7 +131,10 @@ class LearnerGroup:
         )
         self.actors = [remote_cls.remote() for _ in range(world_size)]
         try:
-            master_addr, master_port = self._wait([a.start.remote() for a in self.actors], "start")[0]
+            started = self._wait([a.start.remote() for a in self.actors], "start")
+            master_addr, master_port = started[0][:2]
+            self.processes = {rank: (pid, node) for rank, (_, _, pid, node) in enumerate(started)}
+            """{rank: (pid, Ray node id)} of the rank actors."""
             setups = [
                 actor.setup.remote(config, rank, world_size, master_addr, master_port)
                 for rank, actor in enumerate(self.actors)
@@ -149,9 +166,42 @@ class LearnerGroup:
                 try:
                     results[i] = ray.get(ref)
                 except Exception as err:
-                    self._failed, self.unfinished = f"{what} failed on rank {ranks[i]}", list(pending)
-                    raise LearnerRankError(f"learner rank {ranks[i]} failed in {what}:\n{err}") from err
+                    rank, how, detail = ranks[i], "failed", f"{err}"
+                    if isinstance(err, ray.exceptions.RayActorError):
+                        how = "died"
+                    elif dead := self._dead_rank(pending, [ranks[index_of[r]] for r in pending]):
+                        # a killed rank's peers fail at once in their collectives: name the dead one
+                        rank, how, detail = dead[0], "died", f"{dead[1]}\n(rank {ranks[i]} then failed: {err})"
+                    self._failed, self.unfinished = f"{what}: rank {rank} {how}", list(pending)
+                    raise LearnerRankError(
+                        f"learner rank {rank} {how} in {what}:\n{detail}", rank=rank, method=what
+                    ) from err
         return [results[i] for i in range(len(refs))]
+
+    @staticmethod
+    def _dead_rank(refs: list[ray.ObjectRef], ranks: list[int], grace_s: float = 1.0) -> tuple[int, Exception] | None:
+        """(rank, its error) of a task among `refs` (on `ranks`) whose actor died, waiting `grace_s` for Ray to
+        report it: when a rank is killed its peers' collectives fail at once, often before its death is seen."""
+        if not refs:
+            return None
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                return ranks[refs.index(ref)], err
+            except Exception:
+                continue
+        return None
+
+    @property
+    def failed(self) -> str | None:
+        """Why the group is unusable (a call failed or timed out, or it was shut down); None while usable."""
+        return self._failed
+
+    def _submitted(self, phase: str) -> None:
+        if self.on_submit is not None:
+            self.on_submit(phase, dict(self.processes))
 
     def _check_usable(self) -> None:
         if self._failed:
@@ -167,12 +217,14 @@ class LearnerGroup:
         if len(rank_args) != self.world_size:
             raise ValueError(f"call_per_rank: {len(rank_args)} argument sets for {self.world_size} ranks")
         refs = [actor.call.remote(method, *args, **kwargs) for actor, (args, kwargs) in zip(self.actors, rank_args)]
+        self._submitted(method)
         return self._wait(refs, method)
 
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call LearnerWorker.`method` on every rank; return rank 0's result (only it is sent back)."""
         self._check_usable()
         refs = [actor.call_rank0.remote(method, *args, **kwargs) for actor in self.actors]
+        self._submitted(method)
         return self._wait(refs, method)[0]
 
     def compute_log_probs(self, batch: RolloutBatch, *, reference: bool = False) -> torch.Tensor:
@@ -214,6 +266,7 @@ class LearnerGroup:
                 bucket_refs.append(bucket_ref)
                 done_refs.append(done_ref)
         nbytes = sum(n for _, n in plan)
+        self._submitted("weight_buckets")
         return WeightBuckets(refs=bucket_refs[: len(plan)], nbytes=nbytes, rank_refs=done_refs)
 
     def finish_weight_buckets(self, buckets: WeightBuckets) -> None:

@@ -23,9 +23,12 @@ from orchestration.checkpoint import CheckpointManager
 from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.env import LOCAL_DEFAULTS, apply_env
+from orchestration.faults import Faults, FaultSpec
+from orchestration.preflight import check_on_nodes, preflight
 from orchestration.sampling import OverlongShaping
 from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
 from orchestration.tasks import make_rows, write_jsonl
+from orchestration.weight_sync import push_weights
 from reward.group import RewardService
 from reward.loader import load_reward_fn
 from rollout.group import RolloutGroup
@@ -240,12 +243,25 @@ class Run:
     shaping: OverlongShaping | None
     ckpt: CheckpointManager
     uses_reference: bool
+    faults: Faults
     owns_ray: bool = False
     """True when build_run started (or joined) Ray itself: shutdown() then disconnects, so that the next run
     of the same process (a sweep's next member) starts with its own runtime environment."""
 
     def sampling(self, seed: int, *, evaluation: bool = False) -> SamplingConfig:
         return sampling_config(self.cfg, seed, evaluation=evaluation)
+
+    def push_weights(self, policy_version: int, ranks: list[int] | None = None) -> dict:
+        """The learner's weights into every rollout engine (or the engines `ranks`), as `policy_version`."""
+        bucket_bytes = int(self.cfg.learner.weight_bucket_mb * 2**20)
+        return push_weights(self.learner, self.rollout, policy_version, bucket_bytes=bucket_bytes, ranks=ranks)
+
+    def replace_learner(self) -> None:
+        """Kill the learner group's ranks (also those stuck in a collective) and start a new group with the
+        same config (the model's initial weights: restore a checkpoint into it)."""
+        self.learner.shutdown()
+        self.learner = build_learner(self.cfg, self.sizes, self.model_dir)
+        self.faults.attach("learner", self.learner)
 
     def shutdown(self) -> None:
         for part in (self.rollout, self.reward, self.learner):
@@ -289,9 +305,22 @@ def check_config(cfg: TrainConf) -> DerivedSizes:
     return sizes
 
 
+def build_learner(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> LearnerGroup:
+    """The learner group (learner.*), its ranks loading `model_dir`: at the start, and after a lost rank."""
+    return LearnerGroup(
+        learner_config(cfg, sizes, model_dir),
+        cfg.learner.world_size,
+        num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
+        num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
+        call_timeout_s=cfg.learner.timeout_s,
+    )
+
+
 def build_run(cfg: TrainConf) -> Run:
-    """Check the config, set the run's environment, prepare model and data, start Ray and the actor groups."""
+    """Check the config and the machine, set the run's environment, prepare model and data, start Ray and the
+    actor groups (with the fault handling of orchestration/faults.py attached)."""
     sizes = check_config(cfg)
+    preflight(cfg)
     run_env = apply_env(cfg.cluster.env)
     model_dir = prepare_model(cfg)
     from transformers import AutoTokenizer
@@ -299,6 +328,7 @@ def build_run(cfg: TrainConf) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, val_rows, data_metrics = load_prompt_rows(cfg, tokenizer)
     owns_ray = init_ray(cfg, run_env)
+    check_on_nodes(model_dir, "model.path" if cfg.model.path else "model.tiny_dir / model.warm_start_dir")
     r = cfg.rollout
     engine_kwargs: dict[str, Any] = {
         "dtype": r.dtype,
@@ -321,20 +351,18 @@ def build_run(cfg: TrainConf) -> Run:
             num_cpus_per_worker=r.num_cpus_per_worker,
             num_gpus_per_worker=r.num_gpus_per_worker,
             timeout_s=r.timeout_s,
+            max_restarts=cfg.trainer.max_restarts,
         )
         parts.append(rollout)
         reward = RewardService(
-            cfg.reward.num_workers, cfg.reward.fn, timeout_s=cfg.reward.timeout_s, num_cpus_per_worker=0.25
+            cfg.reward.num_workers,
+            cfg.reward.fn,
+            timeout_s=cfg.reward.timeout_s,
+            num_cpus_per_worker=0.25,
+            max_restarts=cfg.trainer.max_restarts,
         )
         parts.append(reward)
-        lcfg = learner_config(cfg, sizes, model_dir)
-        learner = LearnerGroup(
-            lcfg,
-            cfg.learner.world_size,
-            num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
-            num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
-            call_timeout_s=cfg.learner.timeout_s,
-        )
+        learner = build_learner(cfg, sizes, model_dir)
         parts.append(learner)
     except BaseException:
         for part in parts:
@@ -343,10 +371,11 @@ def build_run(cfg: TrainConf) -> Run:
             ray.shutdown()
         raise
     advantage = ray.remote(num_cpus=0.25)(AdvantageWorker).remote(
-        cfg.algorithm.advantage_estimator, AdvantageStageConfig(norm_by_std=True)
+        cfg.algorithm.advantage_estimator,
+        AdvantageStageConfig(norm_by_std=True, rollout_is_cap=cfg.algorithm.rollout_is_cap),
     )
     a = cfg.algorithm
-    return Run(
+    run = Run(
         cfg=cfg,
         sizes=sizes,
         model_dir=model_dir,
@@ -363,6 +392,12 @@ def build_run(cfg: TrainConf) -> Run:
         if a.overlong_buffer_tokens > 0
         else None,
         ckpt=CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_checkpoints),
-        uses_reference=lcfg.uses_reference,
+        uses_reference=learner.config.uses_reference,
+        faults=Faults([FaultSpec.parse(text) for text in cfg.trainer.fault_inject], cfg.trainer.max_restarts),
         owns_ray=owns_ray,
     )
+    for kind, group in (("rollout", rollout), ("learner", learner), ("reward", reward)):
+        run.faults.attach(kind, group)
+    # a restarted engine gets the learner's current weights (the learner of the moment: it may be replaced)
+    rollout.recover_weights = lambda ranks: run.push_weights(run.rollout.policy_version, ranks)
+    return run

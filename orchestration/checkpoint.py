@@ -4,6 +4,10 @@ step_<k>/learner/             sharded training state (model, optimizer, schedule
 step_<k>/hf/                  a Hugging Face export (safetensors + config + tokenizer) vLLM/transformers load
 step_<k>/trainer_state.json   step, policy version, sampler position, wandb run id; written LAST, so a
                               directory without it is an interrupted save and is ignored (and replaced)
+
+Snapshots (`trainer.snapshot_every`) are the same minus the HF export, in `snapshots/step_<k>/`, only the
+newest kept: cheap restore points, so that a learner restart replays fewer steps. Resuming and restarting
+use the newest complete checkpoint or snapshot.
 """
 
 from __future__ import annotations
@@ -31,44 +35,60 @@ class TrainerState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint or snapshot directory (`.../step_<k>`) was saved after."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step_<k> directory")
+    return int(match.group(1))
+
+
 class CheckpointManager:
-    """Saves and finds checkpoints under `<output_dir>/checkpoints`, keeping the newest `keep` (0 = all)."""
+    """Saves and finds checkpoints under `<output_dir>/checkpoints`, keeping the newest `keep` (0 = all), and
+    snapshots under `<output_dir>/snapshots`, keeping the newest."""
 
     def __init__(self, output_dir: str | Path, keep: int = 2) -> None:
         self.root = Path(output_dir) / "checkpoints"
+        self.snapshot_root = Path(output_dir) / "snapshots"
         self.keep = keep
+        self.this_run: list[Path] = []
+        """The checkpoints and snapshots this run resumed from or saved: its restore points (a stale checkpoint
+        that an earlier run left in the same folder never is one)."""
 
-    def step_dir(self, step: int) -> Path:
-        return self.root / f"step_{step}"
+    def step_dir(self, step: int, *, snapshot: bool = False) -> Path:
+        return (self.snapshot_root if snapshot else self.root) / f"step_{step}"
 
-    def complete(self) -> list[Path]:
-        """Complete checkpoint directories, oldest first."""
-        if not self.root.is_dir():
+    def complete(self, *, snapshots: bool = False) -> list[Path]:
+        """Complete checkpoint (or snapshot) directories, oldest first."""
+        root = self.snapshot_root if snapshots else self.root
+        if not root.is_dir():
             return []
-        found = []
-        for path in self.root.iterdir():
-            match = _STEP_DIR.match(path.name)
-            if match and (path / STATE_FILE).is_file():
-                found.append((int(match.group(1)), path))
-        return [path for _, path in sorted(found)]
+        found = [path for path in root.iterdir() if _STEP_DIR.match(path.name) and (path / STATE_FILE).is_file()]
+        return sorted(found, key=step_of)
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
+        """The newest complete checkpoint or snapshot (a checkpoint when both hold the same step)."""
+        return _newest(self.complete(snapshots=True) + self.complete())
 
-    def save(self, state: TrainerState, learner: Any, *, export_hf: bool = True) -> Path:
-        """Save the learner's sharded state (and an HF export), then the trainer state, then prune."""
-        path = self.step_dir(state.step)
+    def restore_point(self) -> Path | None:
+        """The newest complete checkpoint or snapshot of this run (None: the run's start)."""
+        return _newest([path for path in self.this_run if (path / STATE_FILE).is_file()])
+
+    def save(self, state: TrainerState, learner: Any, *, snapshot: bool = False) -> Path:
+        """Save the learner's sharded state (and, unless a snapshot, an HF export), then the trainer state, then
+        prune."""
+        path = self.step_dir(state.step, snapshot=snapshot)
         if path.exists():  # an interrupted save of this step, or a re-run after resume: start clean
             shutil.rmtree(path)
         path.mkdir(parents=True)
         learner.save_checkpoint(str(path / "learner"))
-        if export_hf:
+        if not snapshot:
             learner.export_hf(str(path / "hf"))
         tmp = path / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(state), indent=2))
         os.replace(tmp, path / STATE_FILE)
-        self._prune()
+        self.this_run.append(path)
+        self._prune(snapshots=snapshot)
         return path
 
     def load(self, path: str | Path, learner: Any) -> TrainerState:
@@ -79,10 +99,17 @@ class CheckpointManager:
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
         state = TrainerState(**json.loads(state_file.read_text()))
         learner.load_checkpoint(str(path / "learner"))
+        self.this_run.append(path)
         return state
 
-    def _prune(self) -> None:
-        if self.keep <= 0:
+    def _prune(self, *, snapshots: bool) -> None:
+        keep = 1 if snapshots else self.keep
+        if keep <= 0:
             return
-        for old in self.complete()[: -self.keep]:
+        for old in self.complete(snapshots=snapshots)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    """The path of the highest step; on a tie the later one in `paths`."""
+    return max(reversed(paths), key=step_of, default=None)

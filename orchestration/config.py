@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from orchestration.faults import FaultSpec
 from orchestration.sizes import ConfigError
 
 
@@ -87,6 +88,9 @@ class AlgorithmConf:
     """FIPO: tokens with negative advantage and ratio above this get their weight clamped to [0.8, 1.0]."""
     drop_seq_on_dual_clip: bool = True
     """FIPO (official code): drop a sequence with ≥ 2 dual-clipped negative-advantage tokens from the loss."""
+    rollout_is_cap: float | None = None
+    """Truncated importance sampling of the behaviour gap (verl's rollout correction): each token's advantage ×
+    min(π_old / π_rollout, this); null = off (the official recipes). Worth turning on with stale rollouts."""
 
     def __post_init__(self) -> None:
         from advantage import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
@@ -107,6 +111,9 @@ class AlgorithmConf:
         _check(self.decay_rate > 0, "algorithm.decay_rate", f"must be > 0 tokens, got {self.decay_rate}")
         _check(0 <= self.weight_clip < 1, "algorithm.weight_clip", f"must be in [0, 1), got {self.weight_clip}")
         _check(self.safety_threshold > 0, "algorithm.safety_threshold", f"must be > 0, got {self.safety_threshold}")
+        _check(
+            self.rollout_is_cap is None or self.rollout_is_cap > 0, "algorithm.rollout_is_cap", "must be > 0 or null"
+        )
         _check(
             not (self.policy_loss == "fipo" and self.clip_c is None),
             "algorithm.clip_c",
@@ -345,12 +352,39 @@ class TrainerConf:
     """auto: continue from the latest checkpoint in output_dir if there is one | none: start fresh."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk (older ones are deleted); 0 keeps all."""
+    snapshot_every: int = 0
+    """Save a learner snapshot every this many steps, between checkpoints: the sharded training state and the
+    trainer state without the HF export, in <output_dir>/snapshots/ (only the newest kept). A learner restart
+    (or a resume) continues from the newest checkpoint or snapshot, so it replays fewer steps; 0 = none (a
+    learner restart then replays up to save_every − 1 steps)."""
+    max_restarts: int = 3
+    """Restarts of lost workers allowed: per call for rollout engines and reward actors (a generation, a weight
+    update, a scoring batch), per step for the learner group (its replays included). One more loss ends the
+    run with an error naming the worker, the step, the phase and the last error; 0 = any lost worker ends it."""
+    fault_inject: list[str] = field(default_factory=list)
+    """Faults to inject, for tests and drills: each "KIND:INDEX@STEP:PHASE[:always]" SIGKILLs the process of
+    that worker (rollout | learner | reward, from 0) at that step (from 0) right after the phase's calls are
+    submitted, once (or on every attempt with :always). Phases: rollout generate | update_weights; learner
+    compute_log_probs | update | weight_buckets | save_checkpoint | export_hf; reward score
+    (orchestration/faults.py). Empty = none."""
 
     def __post_init__(self) -> None:
         _positive(self.total_steps, "trainer.total_steps")
         _check(bool(self.output_dir), "trainer.output_dir", "must not be empty")
-        for key in ("save_every", "eval_every", "keep_checkpoints", "eval_temperature"):
+        for key in (
+            "save_every",
+            "eval_every",
+            "keep_checkpoints",
+            "eval_temperature",
+            "snapshot_every",
+            "max_restarts",
+        ):
             _non_negative(getattr(self, key), f"trainer.{key}")
+        for spec in self.fault_inject:
+            try:
+                FaultSpec.parse(spec)
+            except ValueError as err:
+                raise ConfigError(f"trainer.fault_inject: {err}") from None
         _positive(self.eval_samples, "trainer.eval_samples")
         _check(0 < self.eval_top_p <= 1, "trainer.eval_top_p", f"must be in (0, 1], got {self.eval_top_p}")
         _one_of(self.resume, ("auto", "none"), "trainer.resume")
@@ -436,6 +470,15 @@ def validate(cfg: TrainConf) -> None:
             "learner.num_gpus_per_rank / rollout.num_gpus_per_worker",
             f"the placement needs {needed:g} GPUs (learner.world_size × learner.num_gpus_per_rank + "
             f"rollout.num_workers × rollout.num_gpus_per_worker) but this machine has {have}",
+        )
+    workers = {"rollout": cfg.rollout.num_workers, "learner": cfg.learner.world_size, "reward": cfg.reward.num_workers}
+    for text in cfg.trainer.fault_inject:
+        spec = FaultSpec.parse(text)
+        _check(
+            spec.index < workers[spec.kind] and spec.step < cfg.trainer.total_steps,
+            "trainer.fault_inject",
+            f"{text!r} targets {spec.kind} {spec.index} at step {spec.step}, but the run has {workers[spec.kind]} "
+            f"{spec.kind} worker(s) and trainer.total_steps={cfg.trainer.total_steps}",
         )
     if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:
         needed = cfg.learner.world_size * cfg.learner.num_cpus_per_rank

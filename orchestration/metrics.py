@@ -64,7 +64,11 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to `metrics.jsonl`, logs to wandb, prints a progress line."""
+    """Appends one JSON object per step to `metrics.jsonl`, logs to wandb, prints a progress line.
+
+    A step is sent to wandb at most once per process: steps replayed after a learner restart (whose rows
+    `truncate_after` dropped from metrics.jsonl, to be written again) are not sent a second time; wandb
+    keeps the values it got first, which a replay reproduces (fault/* and timings aside)."""
 
     def __init__(
         self,
@@ -84,6 +88,8 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.started = time.monotonic()
         self.wandb_run = None
+        self.wandb_step = -1
+        """The last step sent to wandb by this process."""
         if wandb_mode != "disabled":
             import wandb
 
@@ -122,8 +128,9 @@ class MetricsLogger:
         record.update({k: (None if not math.isfinite(v) else v) for k, v in metrics.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self.wandb_step:
             self.wandb_run.log({STEP_KEY: step, **metrics})
+            self.wandb_step = step
         self._progress(step, metrics)
 
     def _progress(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -5,31 +5,38 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from advantage import RolloutBatch
+from learner.group import LearnerRankError
 from orchestration import stacks
 from orchestration.builders import Run
+from orchestration.checkpoint import TrainerState
 from orchestration.data import PromptRow
 from orchestration.evaluate import eval_metrics, evaluate_rows
+from orchestration.faults import say
+from orchestration.metrics import MetricsLogger
 from orchestration.sampling import GroupPool, group_samples
 
 
 class StageError(RuntimeError):
     """A phase of a step failed or ran past its deadline; the message names the phase and the step."""
 
+    def __init__(self, message: str, *, stage: str, step: int) -> None:
+        super().__init__(message)
+        self.stage, self.step = stage, step
+
 
 def is_timeout(err: BaseException | None) -> bool:
     """True when `err` (or its cause chain) says a deadline passed."""
-    while err is not None:
-        if isinstance(err, (TimeoutError, ray.exceptions.GetTimeoutError)) or any(
-            phrase in str(err) for phrase in ("timed out", "did not finish within", "no result within")
-        ):
-            return True
-        err = err.__cause__
-    return False
+    phrases = ("timed out", "did not finish within", "no result within")
+    return any(
+        isinstance(e, (TimeoutError, ray.exceptions.GetTimeoutError)) or any(phrase in str(e) for phrase in phrases)
+        for e in _causes(err)
+    )
 
 
 @contextmanager
@@ -45,8 +52,56 @@ def stage(name: str, step: int, timings: dict[str, float], stack_dir: str | None
         )
         if stack_dir is not None and is_timeout(err):
             message += f"\nstacks of the workers (dumps in {stack_dir}):\n{stacks.collect(stack_dir)}"
-        raise StageError(message) from err
+        raise StageError(message, stage=name, step=step) from err
     timings[f"timing_s/{name}"] = time.perf_counter() - start
+
+
+def restore(run: Run, path: Path | None, wandb_run_id: str | None = None) -> TrainerState:
+    """The learner and the data order as they were after the checkpoint (or snapshot) `path`, and its trainer
+    state; None: the run's start (the learner as built, the first prompts, step 0, `wandb_run_id`)."""
+    if path is None:
+        run.sampler.load_state_dict(run.sampler.state_dict() | {"epoch": 0, "position": 0})
+        return TrainerState(wandb_run_id=wandb_run_id)
+    state = run.ckpt.load(path, run.learner)
+    run.sampler.load_state_dict(state.sampler)
+    return state
+
+
+def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_id: str | None) -> TrainerState:
+    """After a failed stage: when the learner group failed (a rank raised or died, a call or a collective timed
+    out), replace it by a new group, restore this run's newest checkpoint or snapshot (or the start) into it,
+    push those weights to the engines and drop the metrics rows after it; returns the restored state, from
+    which the loop replays (resume is exact, so the replayed steps are the same). Re-raises anything else, and
+    raises RestartBudgetError when the step has failed more than trainer.max_restarts times."""
+    error: BaseException = err
+    lost_at, attempts = time.monotonic(), 0
+    while True:
+        if run.learner.failed is None:  # not a learner failure: rollout and reward recover inside their groups
+            raise error
+        rank_error = next((e for e in _causes(error) if isinstance(e, LearnerRankError)), None)
+        rank = rank_error.rank if rank_error is not None else None
+        worker = f"learner rank {rank}" if rank is not None else f"learner group ({run.learner.failed})"
+        run.faults.learner_failed(err.step, err.stage, worker, error)
+        attempts += 1
+        try:
+            run.replace_learner()
+            path = run.ckpt.restore_point()
+            state = restore(run, path, wandb_run_id)
+            run.push_weights(state.policy_version)
+            break
+        except Exception as again:  # lost again while restoring: counts against the same step
+            error = again
+    logger.truncate_after(state.step)
+    run.faults.replayed_steps += err.step - state.step
+    run.faults.restarted("learner", rank, err.stage, str(rank_error or error), lost_at, restarts=attempts)
+    say(f"learner restored from {path or 'the start of the run'}; replaying from step {state.step}")
+    return state
+
+
+def _causes(err: BaseException | None) -> Iterator[BaseException]:
+    while err is not None:
+        yield err
+        err = err.__cause__
 
 
 def sampling_seed(seed: int, step: int, gen_round: int) -> int:

@@ -17,26 +17,33 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from orchestration.builders import build_run, stack_dir
-from orchestration.checkpoint import TrainerState
 from orchestration.config import TrainConf, register_configs, to_object
 from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, to_floats
 from orchestration.sizes import ConfigError
-from orchestration.steps import collect_batch, compute_advantages, evaluate, learner_metrics, stage
+from orchestration.steps import (
+    StageError,
+    collect_batch,
+    compute_advantages,
+    evaluate,
+    learner_metrics,
+    recover_learner,
+    restore,
+    stage,
+)
 from orchestration.sweep import register_resolver
-from orchestration.weight_sync import push_weights
 
 
 def train(cfg: TrainConf) -> dict[str, float]:
-    """Run (or resume) training; returns the last step's metrics."""
+    """Run (or resume) training; returns the last step's metrics. A failed learner group is rebuilt and the
+    run replayed from its newest restore point (`recover_learner`); lost engines and reward actors are
+    replaced inside their groups (README "Reliability")."""
     run = build_run(cfg)
     t, stacks = cfg.trainer, stack_dir(cfg)
     print(run.sizes.describe(), flush=True)
     logger = None
     try:
         latest = run.ckpt.latest() if t.resume == "auto" else None
-        state = run.ckpt.load(latest, run.learner) if latest else TrainerState()
-        if state.sampler:
-            run.sampler.load_state_dict(state.sampler)
+        state = restore(run, latest)
         info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict())
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
@@ -55,49 +62,50 @@ def train(cfg: TrainConf) -> dict[str, float]:
         state.wandb_run_id = logger.run_id
         if latest:
             print(f"resumed from {latest} (step {state.step}, policy version {state.policy_version})", flush=True)
-        push_weights(
-            run.learner, run.rollout, state.policy_version, bucket_bytes=int(cfg.learner.weight_bucket_mb * 2**20)
-        )
+        run.push_weights(state.policy_version)
         metrics: dict[str, float] = {}
-        for step in range(state.step, t.total_steps):
+        while state.step < t.total_steps:
+            step = run.faults.step = state.step
             timings: dict[str, float] = {}
             start = time.perf_counter()
             metrics = dict(run.data_metrics)
-            if run.val_rows and t.eval_before_train and step == 0:
-                with stage("eval", step, timings, stacks):
-                    metrics |= {
-                        k.replace("eval/", "eval/initial_"): v for k, v in evaluate(run, run.val_rows, step).items()
-                    }
-            with stage("rollout", step, timings, stacks):
-                batch, filter_metrics = collect_batch(run, step)
-            metrics |= filter_metrics | rollout_metrics(batch, cfg.rollout.max_response_tokens)
-            with stage("old_log_probs", step, timings, stacks):
-                batch = batch.replace(old_log_probs=run.learner.compute_log_probs(batch))
-            if run.uses_reference:
-                with stage("ref_log_probs", step, timings, stacks):
-                    batch = batch.replace(ref_log_probs=run.learner.compute_log_probs(batch, reference=True))
-            with stage("advantages", step, timings, stacks):
-                batch, adv_metrics = compute_advantages(run, batch)
-            with stage("update", step, timings, stacks):
-                metrics |= learner_metrics(run.learner.update(batch)) | to_floats(adv_metrics)
-            with stage("weight_sync", step, timings, stacks):
-                state.policy_version += 1
-                metrics |= push_weights(
-                    run.learner,
-                    run.rollout,
-                    state.policy_version,
-                    bucket_bytes=int(cfg.learner.weight_bucket_mb * 2**20),
-                )
-            last = step + 1 == t.total_steps
-            if run.val_rows and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
-                with stage("eval", step, timings, stacks):
-                    metrics |= evaluate(run, run.val_rows, step + 1)
-            state.step, state.sampler = step + 1, run.sampler.state_dict()
-            if (t.save_every and state.step % t.save_every == 0) or last:
-                with stage("checkpoint", step, timings, stacks):
-                    run.ckpt.save(state, run.learner)
+            try:
+                if run.val_rows and t.eval_before_train and step == 0:
+                    with stage("eval", step, timings, stacks):
+                        initial = evaluate(run, run.val_rows, step)
+                        metrics |= {k.replace("eval/", "eval/initial_"): v for k, v in initial.items()}
+                with stage("rollout", step, timings, stacks):
+                    batch, filter_metrics = collect_batch(run, step)
+                metrics |= filter_metrics | rollout_metrics(batch, cfg.rollout.max_response_tokens)
+                with stage("old_log_probs", step, timings, stacks):
+                    batch = batch.replace(old_log_probs=run.learner.compute_log_probs(batch))
+                if run.uses_reference:
+                    with stage("ref_log_probs", step, timings, stacks):
+                        batch = batch.replace(ref_log_probs=run.learner.compute_log_probs(batch, reference=True))
+                with stage("advantages", step, timings, stacks):
+                    batch, adv_metrics = compute_advantages(run, batch)
+                with stage("update", step, timings, stacks):
+                    metrics |= learner_metrics(run.learner.update(batch)) | to_floats(adv_metrics)
+                with stage("weight_sync", step, timings, stacks):
+                    state.policy_version += 1
+                    metrics |= run.push_weights(state.policy_version)
+                last = step + 1 == t.total_steps
+                if run.val_rows and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
+                    with stage("eval", step, timings, stacks):
+                        metrics |= evaluate(run, run.val_rows, step + 1)
+                state.step, state.sampler = step + 1, run.sampler.state_dict()
+                if (t.save_every and state.step % t.save_every == 0) or last:
+                    with stage("checkpoint", step, timings, stacks):
+                        run.ckpt.save(state, run.learner)
+                elif t.snapshot_every and state.step % t.snapshot_every == 0:
+                    with stage("snapshot", step, timings, stacks):
+                        run.ckpt.save(state, run.learner, snapshot=True)
+            except StageError as err:  # a failed learner: a new group, restored; the loop replays from there
+                state = recover_learner(run, err, logger, state.wandb_run_id)
+                continue
             timings["timing_s/step"] = time.perf_counter() - start
             metrics |= timings | {"perf/tokens_per_s": metrics["rollout/tokens"] / timings["timing_s/step"]}
+            metrics |= run.faults.metrics()
             logger.log(step, metrics)
         summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
         (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -31,9 +31,15 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 
 
 def push_weights(
-    learner_group, rollout_group, policy_version: int, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    learner_group,
+    rollout_group,
+    policy_version: int,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ranks: list[int] | None = None,
 ) -> dict:
-    """Send the learner's current weights to every rollout engine; later samples carry `policy_version`.
+    """Send the learner's current weights to every rollout engine (or only to the engines `ranks`, e.g. one
+    just restarted); later samples carry `policy_version`.
 
     The learner gathers bucket k + 1 while the engines fetch and load bucket k (every bucket is its own
     task on the learner ranks, whose result ref exists before the bucket does).
@@ -43,6 +49,7 @@ def push_weights(
         rollout_group: a rollout.group.RolloutGroup.
         policy_version: the version the new weights get (the caller's previous version + 1).
         bucket_bytes: target size of one object-store bucket, bytes.
+        ranks: the rollout workers to update; None = all.
     Returns: {"weight_sync/bytes": bytes of one full copy, "weight_sync/seconds": wall time from the first
         gather to the last engine's finished load, "weight_sync/gb_per_s": bytes / seconds / 1e9,
         "weight_sync/num_buckets", "weight_sync/policy_version"}.
@@ -50,7 +57,7 @@ def push_weights(
     start = time.perf_counter()
     buckets = learner_group.start_weight_buckets(bucket_bytes)
     try:
-        rollout_group.update_weights(buckets.refs, policy_version)
+        rollout_group.update_weights(buckets.refs, policy_version, ranks=ranks)
     finally:  # a learner rank's failure is the root cause of a failed load: raise it first
         learner_group.finish_weight_buckets(buckets)
     seconds = time.perf_counter() - start

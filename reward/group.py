@@ -3,14 +3,18 @@
 `ray.remote` is applied at runtime to the plain `IsolatedScorer` class; the service creates N such actors,
 splits a batch into N contiguous shards (one per actor), and gathers the results in input order. Each actor
 owns one child process, so the per-sample time limit and crash isolation are the scorer's (reward.pool).
-If an actor dies, the call raises `RewardWorkerError` with Ray's message as soon as Ray reports the death
-(and at the latest after `call_timeout_s`), and the dead actor is replaced for the next call.
+An actor that dies (or gives no result within `call_timeout_s`) is replaced at once. With `max_restarts` > 0
+only its shard is scored again, on the new actor (at most `max_restarts` replacements per call; scoring is a
+pure function of the sample, so the results are the same); beyond that, or with `max_restarts=0`, the call
+raises `RewardWorkerError` with Ray's message as soon as Ray reports the death. A scorer that raises (a bug in
+the reward function's wrapper; the function's own errors are status "error") raises at once.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from reward.loader import DEFAULT_REWARD_FN, load_reward_fn
@@ -22,6 +26,16 @@ class RewardWorkerError(RuntimeError):
     """A reward worker actor died or did not answer in time; the message says which and why."""
 
 
+class _RayScorer(IsolatedScorer):
+    """IsolatedScorer plus its actor's process (for fault drills)."""
+
+    def process(self) -> tuple[int, str]:
+        """(pid, Ray node id) of this actor's process."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+
 class RewardService:
     """A pool of `num_workers` Ray actors, each an `IsolatedScorer`, with a batch API.
 
@@ -30,7 +44,13 @@ class RewardService:
     num_cpus_per_worker: Ray CPUs reserved per actor (fractional values are fine).
     call_timeout_s:   bound on one `score_batch` call; None = 60 s + (timeout_s + 2 s) per sample of a shard,
                       i.e. enough even when every sample times out and its child restarts.
+    max_restarts:     lost actors replaced and their shard re-scored within one call (0: the call raises).
     Requires `ray.init()` to have been called.
+
+    Hooks the driver may install (attributes, None by default): `on_submit(phase, processes)`, called after a
+    call's shards are submitted with phase "score" and {worker: (pid, node_id)} (fault drills; fetching the
+    pids waits for the actors to be up, so only install it for drills); `on_restart(worker, phase, cause,
+    lost_at)`, called after a lost actor was replaced and its shard resubmitted (`lost_at`: time.monotonic()).
     """
 
     def __init__(
@@ -43,6 +63,7 @@ class RewardService:
         memory_limit_mb: int | None = 2048,
         num_cpus_per_worker: float = 1.0,
         call_timeout_s: float | None = None,
+        max_restarts: int = 0,
     ) -> None:
         import ray
 
@@ -54,13 +75,18 @@ class RewardService:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.call_timeout_s = call_timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        """Actors replaced so far (over the service's life)."""
+        self.on_submit: Callable[[str, dict[int, tuple[int, str]]], None] | None = None
+        self.on_restart: Callable[[int, str, str, float], None] | None = None
         self._scorer_kwargs = {
             "timeout_s": timeout_s,
             "fn_kwargs": fn_kwargs,
             "memory_limit_mb": memory_limit_mb,
         }
         self._reward_fn = reward_fn
-        self._actor_cls = ray.remote(num_cpus=num_cpus_per_worker, max_restarts=0)(IsolatedScorer)
+        self._actor_cls = ray.remote(num_cpus=num_cpus_per_worker, max_restarts=0)(_RayScorer)
         self.workers: list[Any] = [self._new_worker() for _ in range(num_workers)]
         """The actor handles (exposed for tests and monitoring)."""
 
@@ -72,7 +98,8 @@ class RewardService:
     ) -> list[RewardResult]:
         """Score a batch across the actors; one RewardResult per sample, in input order.
 
-        Raises RewardWorkerError when an actor dies or the call exceeds its time bound.
+        Raises RewardWorkerError when an actor dies or the call exceeds its time bound (after `max_restarts`
+        replacements with re-scoring in this call).
         """
         import ray
 
@@ -81,29 +108,48 @@ class RewardService:
             return []
         shard_size = -(-len(samples) // self.num_workers)
         shards = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
-        refs = [self.workers[k].score_samples.remote(shard) for k, shard in enumerate(shards)]
-        worker_of = {ref: k for k, ref in enumerate(refs)}
         bound = self.call_timeout_s or 60.0 + shard_size * (self.timeout_s + 2.0)
-        deadline = time.monotonic() + bound
-        pending = list(refs)
+        pending: dict[Any, tuple[int, float]] = {}  # ref → (worker, deadline)
+
+        def submit(workers: Sequence[int]) -> None:
+            # the processes are asked first: a call queued behind the scoring would answer after it
+            processes = ray.get([self.workers[k].process.remote() for k in workers]) if self.on_submit else []
+            for k in workers:
+                pending[self.workers[k].score_samples.remote(shards[k])] = (k, time.monotonic() + bound)
+            if self.on_submit is not None:
+                self.on_submit("score", dict(zip(workers, processes)))
+
+        results: dict[int, list[RewardResult]] = {}
+        restarted = 0
+        submit(range(len(shards)))
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                late = sorted(worker_of[r] for r in pending)
-                for k in late:  # stuck actors are replaced, so the next call does not queue behind them
-                    ray.kill(self.workers[k])
-                    self.workers[k] = self._new_worker()
-                raise RewardWorkerError(f"reward workers {late} gave no result within {bound:.0f} s")
-            try:
-                ray.get(ready[0])
-            except ray.exceptions.RayActorError as e:
-                k = worker_of[ready[0]]
-                self.workers[k] = self._new_worker()  # replace it for the next call
-                raise RewardWorkerError(f"reward worker {k} of {self.num_workers} died: {e}") from e
-        results: list[RewardResult] = []
-        for shard_results in ray.get(refs):
-            results.extend(shard_results)
-        return results
+            deadline = min(d for _, d in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            lost_at = time.monotonic()
+            if ready:
+                k = pending.pop(ready[0])[0]
+                try:
+                    results[k] = ray.get(ready[0])
+                    continue
+                except ray.exceptions.RayActorError as e:
+                    lost = {k: f"died: {e}"}
+            else:
+                late = [ref for ref, (_, d) in pending.items() if d <= lost_at]
+                lost = {pending.pop(ref)[0]: f"gave no result within {bound:.0f} s" for ref in late}
+            for k in lost:  # replaced at once, so that no later call queues behind a dead or stuck actor
+                ray.kill(self.workers[k])
+                self.workers[k] = self._new_worker()
+                self.restarts += 1
+            if restarted + len(lost) > self.max_restarts:
+                budget = f" ({restarted} re-scored in this call, max_restarts={self.max_restarts})"
+                causes = "; ".join(f"reward worker {k} of {self.num_workers} {cause}" for k, cause in lost.items())
+                raise RewardWorkerError(causes + (budget if self.max_restarts else ""))
+            restarted += len(lost)
+            submit(list(lost))
+            for k, cause in lost.items():
+                if self.on_restart is not None:
+                    self.on_restart(k, "score", cause, lost_at)
+        return [result for k in range(len(shards)) for result in results[k]]
 
     def shutdown(self) -> None:
         """Kill every actor (their child processes die with them)."""

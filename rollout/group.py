@@ -1,23 +1,32 @@
 """RolloutGroup: R RolloutWorker Ray actors; shards prompts over them and gathers samples in prompt order.
 
 The only file of the rollout package that touches Ray. `ray.remote` is applied at runtime to the plain
-`RolloutWorker` (extended here by one method that resolves object refs), so the worker stays testable
-without Ray.
+`RolloutWorker` (extended here by two Ray-aware methods), so the worker stays testable without Ray.
 
-Failure behaviour: every call waits with a bound (`timeout_s`). A worker that raises surfaces as a
-RuntimeError in the caller carrying the worker's message; a worker that dies (killed, OOM, os._exit) surfaces
-as a RuntimeError as soon as Ray notices (seconds). After a timeout the late worker may still be busy: the
-group is marked broken and must be shut down.
+Failure behaviour: every call waits with a bound (`timeout_s`). A worker that raises (a bug, a bad input)
+surfaces at once as a RuntimeError in the caller carrying the worker's message and traceback; it is never
+retried, since it would fail again. A worker that is lost (its process died: killed, OOM, os._exit; or it
+missed the deadline) is handled in one of two ways:
+
+* with recovery on (the driver installed `recover_weights` and `max_restarts` > 0): the worker is replaced by
+  a fresh actor (same constructor arguments: `restart_worker`), brought to the current policy weights, and
+  only its part of the call is submitted again: its shard of a `generate` (per-sample seeds depend on the
+  global prompt index, so the samples are the ones the lost worker would have returned) or the same weight
+  buckets of an `update_weights`. At most `max_restarts` restarts per call; one more loss ends the call
+  with a RuntimeError naming the worker and the last error.
+* without it: the call raises a RuntimeError as soon as Ray notices (seconds), and the group is marked
+  broken and must be shut down.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from rollout.engine import resolve_model_path
 from rollout.types import Prompt, Sample, SamplingConfig
@@ -35,7 +44,10 @@ _FORWARDED_ENV = (
 
 
 class _RayRolloutWorker(RolloutWorker):
-    """RolloutWorker plus the one Ray-aware method: fetch weight buckets from the object store lazily."""
+    """RolloutWorker plus the Ray-aware methods: its process and node in `info`, weight buckets fetched lazily."""
+
+    def info(self) -> dict:
+        return super().info() | {"node_id": ray.get_runtime_context().get_node_id()}
 
     def update_weights_from_refs(self, nested_bucket_refs: list[list[ray.ObjectRef]], policy_version: int) -> dict:
         """`nested_bucket_refs[0]` lists refs of buckets `list[tuple[str, Tensor]]`; nested so that Ray passes the
@@ -67,6 +79,16 @@ class RolloutGroup:
     num_gpus_per_worker: Ray GPUs per actor (= tensor_parallel_size on a GPU cluster; 0 on CPU).
     timeout_s:           the longest a generate / update_weights call may take before a RuntimeError.
     start_timeout_s:     the longest engine start may take.
+    max_restarts:        restarts of lost workers allowed per call when recovery is on (see the module doc).
+
+    Hooks the driver may install (attributes, None by default):
+    recover_weights(ranks): bring the (restarted) workers `ranks` to the current policy weights, e.g. by
+        pushing the learner's weights to them alone (`update_weights(..., ranks=ranks)`). Installing it turns
+        recovery on.
+    on_submit(phase, processes): called right after a call's remote tasks are submitted, with the phase
+        ("generate" | "update_weights") and {rank: (pid, node_id)} of the workers that got one (fault drills).
+    on_restart(rank, phase, cause, lost_at): called after a lost worker was replaced and its part resubmitted;
+        `lost_at` is the time.monotonic() at which the loss was seen.
     """
 
     def __init__(
@@ -80,6 +102,7 @@ class RolloutGroup:
         num_gpus_per_worker: float = 0.0,
         timeout_s: float = 600.0,
         start_timeout_s: float = 300.0,
+        max_restarts: int = 0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"RolloutGroup needs num_workers >= 1, got {num_workers}")
@@ -87,6 +110,15 @@ class RolloutGroup:
         if not ray.is_initialized():
             raise RuntimeError("RolloutGroup needs a running Ray (call ray.init first)")
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        """Workers replaced so far (over the group's life)."""
+        self.policy_version = 0
+        """The version of the last weights every targeted worker loaded (0: the model's own weights)."""
+        self.recover_weights: Callable[[list[int]], None] | None = None
+        self.on_submit: Callable[[str, dict[int, tuple[int, str]]], None] | None = None
+        self.on_restart: Callable[[int, str, str, float], None] | None = None
         self._broken: str | None = None
         env_vars = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
         actor_cls = ray.remote(
@@ -95,14 +127,16 @@ class RolloutGroup:
             max_restarts=0,
             runtime_env={"env_vars": env_vars},
         )(_RayRolloutWorker)
-        self.workers = [
-            actor_cls.remote(model_path, engine=engine, **(engine_kwargs or {})) for _ in range(num_workers)
-        ]
+        self._new_worker = lambda: actor_cls.remote(model_path, engine=engine, **(engine_kwargs or {}))
+        self.workers = [self._new_worker() for _ in range(num_workers)]
         try:
-            self.worker_info = self._gather([w.info.remote() for w in self.workers], "start", start_timeout_s)
+            infos = self._call(
+                "start", lambda rank: self.workers[rank].info.remote(), range(num_workers), start_timeout_s
+            )
         except BaseException:
             self.shutdown()
             raise
+        self.worker_info = [infos[rank] for rank in range(num_workers)]
         self.pad_token_id = self.worker_info[0]["pad_token_id"]
         self.max_model_len = self.worker_info[0]["max_model_len"]
 
@@ -110,37 +144,80 @@ class RolloutGroup:
     def num_workers(self) -> int:
         return len(self.workers)
 
-    def _gather(self, refs: list[ray.ObjectRef], what: str, timeout_s: float) -> list:
-        """Results of one ref per worker, in worker order; the first failure raises at once."""
+    def restart_worker(self, rank: int) -> None:
+        """Replace worker `rank` by a fresh actor (same constructor arguments, so the model's own weights: bring
+        it to the policy's with `update_weights(..., ranks=[rank])`) and wait until its engine has started."""
+        ray.kill(self.workers[rank])
+        self.workers[rank] = self._new_worker()
+        try:
+            self.worker_info[rank] = ray.get(self.workers[rank].info.remote(), timeout=self.start_timeout_s)
+        except RayError as error:
+            self._broken = f"worker {rank} could not be restarted"
+            raise RuntimeError(f"rollout worker {rank} could not be restarted: {error}") from error
+        self.restarts += 1
+
+    def _call(
+        self,
+        what: str,
+        submit: Callable[[int], ray.ObjectRef],
+        ranks: Sequence[int],
+        timeout_s: float,
+        *,
+        needs_weights: bool = False,
+    ) -> dict[int, Any]:
+        """{rank: result of the task `submit(rank)` submits to worker `rank`} for every rank in `ranks`.
+
+        A worker that raises ends the call at once (RuntimeError with its traceback). A lost worker (dead, or
+        past the deadline) is restarted and its task submitted again while recovery is on and the call has
+        restarts left (first brought to the current weights when `needs_weights`); otherwise the call raises
+        and the group is marked broken."""
         if self._broken:
             raise RuntimeError(f"RolloutGroup is unusable after an earlier failure: {self._broken}")
-        results: dict[ray.ObjectRef, object] = {}
-        pending = list(refs)
-        deadline = time.monotonic() + timeout_s
+        allowed = self.max_restarts if self.recover_weights is not None else 0
+        restarted = 0
+        pending: dict[ray.ObjectRef, tuple[int, float]] = {}  # ref → (rank, deadline)
+
+        def submit_all(targets: Sequence[int]) -> None:
+            for rank in targets:
+                pending[submit(rank)] = (rank, time.monotonic() + timeout_s)
+            if self.on_submit is not None:
+                self.on_submit(what, {r: (self.worker_info[r]["pid"], self.worker_info[r]["node_id"]) for r in targets})
+
+        results: dict[int, Any] = {}
+        submit_all(ranks)
         while pending:
-            remaining = deadline - time.monotonic()
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(remaining, 0.0))
-            if not ready:
-                ranks = [refs.index(r) for r in pending]
-                self._broken = f"{what} timed out after {timeout_s:.0f} s on worker(s) {ranks}"
-                raise RuntimeError(f"rollout {self._broken}")
-            for ref in ready:
-                rank = refs.index(ref)
+            deadline = min(d for _, d in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            lost: list[tuple[int, str]] = []
+            lost_at = time.monotonic()
+            if ready:
+                rank, _ = pending.pop(ready[0])
                 try:
-                    results[ref] = ray.get(ref, timeout=max(deadline - time.monotonic(), 1.0))
+                    results[rank] = ray.get(ready[0])
                 except RayTaskError as error:  # the worker raised: its message first, then its traceback
                     cause = error.cause if isinstance(error.cause, BaseException) else error
                     raise RuntimeError(
                         f"rollout worker {rank} failed during {what}: {type(cause).__name__}: {cause}\n"
                         f"worker traceback:\n{error}"
                     ) from error
-                except RayActorError as error:  # the worker process died
-                    self._broken = f"worker {rank} died during {what}"
-                    raise RuntimeError(f"rollout worker {rank} died during {what}: {error}") from error
-                except (GetTimeoutError, RayError) as error:
-                    self._broken = f"worker {rank} failed during {what}: {error}"
-                    raise RuntimeError(f"rollout worker {rank} failed during {what}: {error}") from error
-        return [results[ref] for ref in refs]
+                except RayError as error:  # the worker process died (RayActorError) or its result was lost
+                    lost.append((rank, f"died during {what}: {error}"))
+            else:
+                late = [ref for ref, (_, d) in pending.items() if d <= time.monotonic()]
+                lost = [(pending.pop(ref)[0], f"{what} timed out after {timeout_s:.0f} s") for ref in late]
+            if restarted + len(lost) > allowed:
+                self._broken = "; ".join(f"worker {rank} {cause.splitlines()[0]}" for rank, cause in lost)
+                budget = f" ({restarted} restart(s) in this call, max_restarts={allowed})" if allowed else ""
+                raise RuntimeError("; ".join(f"rollout worker {rank} {cause}" for rank, cause in lost) + budget)
+            for rank, cause in lost:
+                restarted += 1
+                self.restart_worker(rank)
+                if needs_weights:
+                    self.recover_weights([rank])
+                submit_all([rank])
+                if self.on_restart is not None:
+                    self.on_restart(rank, what, cause, lost_at)
+        return results
 
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, timeout_s: float | None = None
@@ -149,22 +226,36 @@ class RolloutGroup:
         if len(prompts) == 0:
             raise ValueError("generate: empty batch (no prompts)")
         shards = shard_prompts(len(prompts), self.num_workers)
-        refs = [
-            self.workers[rank].generate.remote(list(prompts[start:end]), sampling, start)
-            for rank, (start, end) in enumerate(shards)
-        ]
-        per_worker = self._gather(refs, "generate", timeout_s or self.timeout_s)
-        return [sample for samples in per_worker for sample in samples]
+
+        def submit(rank: int) -> ray.ObjectRef:
+            start, end = shards[rank]
+            return self.workers[rank].generate.remote(list(prompts[start:end]), sampling, start)
+
+        per_worker = self._call("generate", submit, range(len(shards)), timeout_s or self.timeout_s, needs_weights=True)
+        return [sample for rank in range(len(shards)) for sample in per_worker[rank]]
 
     def update_weights(
-        self, bucket_refs: list[ray.ObjectRef], policy_version: int, *, timeout_s: float | None = None
+        self,
+        bucket_refs: list[ray.ObjectRef],
+        policy_version: int,
+        *,
+        ranks: Sequence[int] | None = None,
+        timeout_s: float | None = None,
     ) -> list[dict]:
-        """Every worker streams the buckets (each ref holds `list[tuple[str, Tensor]]`, Hugging Face names, full
-        tensors) into its engine, one at a time. Returns per worker {"bytes", "seconds", "num_buckets"}."""
+        """Every worker (or the workers `ranks`) streams the buckets (each ref holds `list[tuple[str, Tensor]]`,
+        Hugging Face names, full tensors) into its engine, one at a time. A worker lost on the way is restarted
+        and gets the same buckets again (they stay in the object store until the caller releases the refs).
+        Returns per targeted worker {"bytes", "seconds", "num_buckets"}."""
         if len(bucket_refs) == 0:
             raise ValueError("update_weights: no weight buckets")
-        refs = [w.update_weights_from_refs.remote([list(bucket_refs)], policy_version) for w in self.workers]
-        return self._gather(refs, "update_weights", timeout_s or self.timeout_s)
+        ranks = range(self.num_workers) if ranks is None else ranks
+
+        def submit(rank: int) -> ray.ObjectRef:
+            return self.workers[rank].update_weights_from_refs.remote([list(bucket_refs)], policy_version)
+
+        stats = self._call("update_weights", submit, ranks, timeout_s or self.timeout_s)
+        self.policy_version = policy_version
+        return [stats[rank] for rank in ranks]
 
     def shutdown(self) -> None:
         """Stop the engines and kill the actors (safe to call twice)."""

@@ -207,3 +207,30 @@ def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):
     with pytest.raises(ray.exceptions.RayTaskError):  # gloo's timeout (15 s) ends the stuck collective
         ray.get(stuck_rank0, timeout=make_config(model_dir).collective_timeout_s + 30)
     assert time.monotonic() - start < make_config(model_dir).collective_timeout_s + 30
+
+
+def test_a_killed_rank_is_named_and_the_group_can_be_replaced(model_dir):
+    """Rank 0's process SIGKILLed (by pid) right after an update is submitted: rank 1 fails at once in its
+    collective, but the error names the rank that died; `failed` says so, shutdown() kills the survivor, and a
+    new group with the same config works (what the trainer does before restoring a checkpoint)."""
+    import os
+    import signal
+
+    config = make_config(model_dir)
+    group = LearnerGroup(config, world_size=2, num_cpus_per_rank=1, call_timeout_s=120)
+    batch = random_batch(8, vocab_size=VOCAB_SIZE, seed=51)
+    batch = batch.replace(old_log_probs=torch.zeros_like(batch.rollout_log_probs))
+    group.on_submit = lambda phase, processes: os.kill(processes[0][0], signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        with pytest.raises(LearnerRankError, match=r"learner rank 0 died in update") as raised:
+            group.update(batch)
+        assert raised.value.rank == 0 and group.failed == "update: rank 0 died"
+        assert time.monotonic() - start < config.collective_timeout_s
+    finally:
+        group.shutdown()
+    fresh = LearnerGroup(config, world_size=2, num_cpus_per_rank=1, call_timeout_s=120)
+    try:
+        assert len(fresh.update(batch)) == 1
+    finally:
+        fresh.shutdown()

@@ -92,6 +92,24 @@ def test_advantages_skip_invalid_samples_and_report_mismatch():
     assert metrics["mismatch/kl_k3"].item() == pytest.approx((math.exp(-0.2) + 0.2 - 1) / 2, rel=1e-5)
     m = rollout_metrics(batch, max_response_tokens=4)  # on the generated batch, before masks are cleared
     assert m["reward/status_timeout"] == 1 and m["reward/accuracy"] == 0.5 and m["rollout/overlong_frac"] == 1.0
+    # ratio π_old / π_rollout = e^-0.2 on 4 tokens, 1 on 4: quantiles by hand (torch's linear interpolation)
+    low = math.exp(-0.2)
+    assert metrics["mismatch/ratio_p05"].item() == pytest.approx(low)
+    assert metrics["mismatch/ratio_p50"].item() == pytest.approx((low + 1) / 2)  # position 3.5 of 8 values
+    assert metrics["mismatch/ratio_max"].item() == pytest.approx(1.0)
+    assert "mismatch/is_weight_mean" not in metrics  # truncated importance sampling is off by default
+
+    # With rollout_is_cap the advantages carry w = min(π_old / π_rollout, cap) token by token.
+    old[1, :4] = -0.2  # sample 1: rollout -0.5, old -0.2 → ratio e^0.3 = 1.35, truncated at 1.2
+    tis, tis_metrics = compute_advantages(
+        batch.replace(old_log_probs=old), ADVANTAGE_ESTIMATORS.get("grpo"), AdvantageStageConfig(rollout_is_cap=1.2)
+    )
+    assert tis.advantages[0, :4].tolist() == pytest.approx([a * low] * 4)
+    assert tis.advantages[1, :4].tolist() == pytest.approx([-a * 1.2] * 4)
+    assert tis_metrics["mismatch/is_truncated_frac"].item() == pytest.approx(0.5)
+    assert tis_metrics["mismatch/is_weight_mean"].item() == pytest.approx((low + 1.2) / 2)
+    with pytest.raises(ValueError, match="rollout_is_cap"):
+        AdvantageStageConfig(rollout_is_cap=0.0)
 
 
 def test_pass_at_k_hand_values():

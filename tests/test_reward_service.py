@@ -81,3 +81,35 @@ def _wait_until_dead(actor, limit_s: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the killed actor still answers")
+
+
+def test_lost_actor_is_replaced_and_only_its_shard_rescored(ray_cluster):
+    """max_restarts > 0: an actor SIGKILLed by pid right after its shard is submitted (fault injection of
+    orchestration/faults.py) is replaced and only its shard scored again, with the same results; an actor
+    killed on every attempt ends the call after max_restarts with the worker named."""
+    from orchestration.faults import Faults, FaultSpec
+
+    service = RewardService(num_workers=2, timeout_s=1.0, num_cpus_per_worker=0.25, max_restarts=1)
+    try:
+        responses = [f"Answer: {n}" for n in range(8)]
+        truths = [str(n % 3) for n in range(8)]
+        expected = service.score_batch(responses, truths)
+        faults = Faults([FaultSpec.parse("reward:1@0:score")], max_restarts=1)
+        faults.attach("reward", service)
+        untouched = service.workers[0]
+        results = service.score_batch(responses, truths)
+        assert [(r.status, r.score, r.correct, r.extracted) for r in results] == [
+            (r.status, r.score, r.correct, r.extracted) for r in expected
+        ]
+        assert service.restarts == 1 and service.workers[0] is untouched
+        assert [(e["kind"], e["index"], e["phase"]) for e in faults.events] == [("reward", 1, "score")]
+        assert faults.metrics()["fault/reward_restarts"] == 1.0
+
+        faults.specs = [FaultSpec.parse("reward:0@0:score:always")]
+        with pytest.raises(RewardWorkerError, match=r"(?s)reward worker 0 of 2 died.*max_restarts=1"):
+            service.score_batch(responses, truths)
+        assert service.restarts == 3
+        faults.specs = []
+        assert [r.correct for r in service.score_batch(responses, truths)] == [r.correct for r in expected]
+    finally:
+        service.shutdown()

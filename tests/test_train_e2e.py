@@ -2,13 +2,17 @@
 
 * a short run writes metrics, checkpoints (loadable HF export) and an offline wandb run;
 * a run killed mid-training and resumed with trainer.resume=auto produces the same metrics as an
-  uninterrupted run (timings excepted).
+  uninterrupted run (timings excepted);
+* a run whose reward actor, learner rank and rollout engine are SIGKILLed mid-step (trainer.fault_inject)
+  completes every step with the same metrics and final weights as the undisturbed run, and reports the
+  restarts; a worker killed on every attempt ends the run with the bounded error.
 The random tiny model never answers correctly, so these runs keep every group (algorithm.filter_groups=false);
 dynamic sampling itself is covered by tests/test_orchestration_stages.py and the demo.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +45,7 @@ SMALL = [
     "model.tiny_intermediate_size=128",
     "model.warm_start_steps=0",
 ]
-# Keys that measure time, not what the run computed.
+# Keys that measure time, not what the run computed (and fault/*: what a run survived).
 TIMING_PREFIXES = (
     "timing_s/",
     "perf/",
@@ -49,7 +53,9 @@ TIMING_PREFIXES = (
     "weight_sync/seconds",
     "weight_sync/gb_per_s",
     "weight_sync/gather_s",
+    "fault/",
 )
+STEPS = ["trainer.total_steps=3", "trainer.save_every=1"]
 
 
 def run_train(output_dir, tiny_dir, *overrides, background=False):
@@ -82,13 +88,18 @@ def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny") / "model"
 
 
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, tiny_dir):
+    """The undisturbed 3-step run both tests compare with."""
+    full = tmp_path_factory.mktemp("reference") / "full"
+    run_train(full, tiny_dir, *STEPS)
+    return full
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_interrupted_run_resumes_to_identical_metrics(tmp_path, tiny_dir):
-    steps = ["trainer.total_steps=3", "trainer.save_every=1"]
-    full = tmp_path / "full"
-    run_train(full, tiny_dir, *steps)
+def test_interrupted_run_resumes_to_identical_metrics(tmp_path, tiny_dir, full):
     reference = metrics(full)
     assert [row["step"] for row in reference] == [0, 1, 2]
     # the learner really trained: FIPO's weights moved away from 1 on the second mini-batch of a step
@@ -101,7 +112,7 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, tiny_dir):
     assert list((full / "wandb").glob("offline-run-*")), "an offline wandb run is written"
 
     interrupted = tmp_path / "interrupted"
-    proc = run_train(interrupted, tiny_dir, *steps, background=True)
+    proc = run_train(interrupted, tiny_dir, *STEPS, background=True)
     first = interrupted / "checkpoints" / "step_1" / "trainer_state.json"
     deadline = time.monotonic() + 300
     while not first.exists():
@@ -112,10 +123,79 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, tiny_dir):
     proc.wait()
     done = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if (p / "trainer_state.json").exists())
     assert "step_3" not in done, f"the run finished before it was killed ({done}); nothing was resumed"
-    run_train(interrupted, tiny_dir, *steps, "trainer.resume=auto")
+    run_train(interrupted, tiny_dir, *STEPS, "trainer.resume=auto")
     resumed = metrics(interrupted)
     assert [row["step"] for row in resumed] == [0, 1, 2]
     assert resumed == reference
     assert {"loss", "reward_mean", "accuracy", "response_length_mean"} <= set(resumed[0])
     run_ids = {p.name.rsplit("-", 1)[-1] for p in (interrupted / "wandb").glob("offline-run-*")}
     assert len(run_ids) == 1, f"the resumed run must continue the same wandb run, got {run_ids}"
+
+
+def final_weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(Path(output_dir) / "checkpoints" / "step_3" / "hf" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_killed_workers_are_replaced_and_the_run_ends_as_if_nothing_happened(tmp_path, tiny_dir, full):
+    """SIGKILLs (by pid) of a reward actor mid-scoring at step 0, a learner rank mid-update at step 1 (no
+    checkpoint yet: a new learner group from the start, step 0 replayed) and the rollout engine
+    mid-generation at step 2: every step completes, fault/* counts the restarts, and the metrics and final
+    weights equal the undisturbed run's; wandb got every step once."""
+    import torch
+    from wandb_records import logged_steps
+
+    faulted = tmp_path / "faulted"
+    kills = "trainer.fault_inject=[reward:1@0:score,learner:1@1:update,rollout:0@2:generate]"
+    run_train(faulted, tiny_dir, "trainer.total_steps=3", "trainer.save_every=2", kills)
+    rows = metrics(faulted)
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert rows == metrics(full)
+    expected, got = final_weights(full), final_weights(faulted)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    last = json.loads((faulted / "metrics.jsonl").read_text().splitlines()[-1])
+    counts = {k: last[f"fault/{k}"] for k in ("rollout_restarts", "learner_restarts", "reward_restarts")}
+    assert counts == {"rollout_restarts": 1, "learner_restarts": 1, "reward_restarts": 1}
+    assert last["fault/replayed_steps"] == 1 and last["fault/recovery_seconds"] > 0
+    log = (tmp_path / "faulted.log").read_text()
+    recoveries = re.findall(r"fault: (\w+) \d+ lost at step (\d+) in (\w+) .*continuing ([\d.]+) s after", log)
+    print("recovery seconds (kill → work continuing):", recoveries)
+    assert [(kind, step, phase) for kind, step, phase, _ in recoveries] == [
+        ("reward", "0", "score"),
+        ("learner", "1", "update"),
+        ("rollout", "2", "generate"),
+    ]
+    assert "fault: learner restored from the start of the run; replaying from step 0" in log
+
+    (run_file,) = faulted.glob("wandb/offline-run-*/run-*.wandb")
+    assert logged_steps(run_file) == [0, 1, 2], "a replayed step must not be sent to wandb twice"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_a_worker_killed_on_every_attempt_ends_the_run_with_a_bounded_error(tmp_path, tiny_dir):
+    out = tmp_path / "doomed"
+    proc = run_train(
+        out,
+        tiny_dir,
+        "trainer.total_steps=1",
+        "trainer.eval_before_train=false",
+        "trainer.max_restarts=1",
+        "trainer.fault_inject=[rollout:0@0:generate:always]",
+        background=True,
+    )
+    assert proc.wait(timeout=600) != 0
+    log = (tmp_path / "doomed.log").read_text()
+    assert re.search(
+        r"(?s)StageError: step 0: stage 'rollout' failed .*rollout worker 0 died during generate: The actor died"
+        r".*\(1 restart\(s\) in this call, max_restarts=1\)",
+        log,
+    ), log[-4000:]
+    assert log.count("fault: injected: SIGKILL rollout 0") == 2 and log.count("fault: rollout 0 lost") == 1
+    assert not (out / "checkpoints").exists()

@@ -2,6 +2,7 @@
 `Record`s in LevelDB's log framing (blocks of 32 KiB; 7-byte chunk headers: crc32, length, type). Tests use it
 to check what a run told wandb (group, job type, metric definitions) without a wandb server."""
 
+import json
 import struct
 from pathlib import Path
 
@@ -40,3 +41,14 @@ def run_record(path: str | Path):
 
 def metric_records(path: str | Path) -> list:
     return [r.metric for r in read_records(path) if r.WhichOneof("record_type") == "metric"]
+
+
+def logged_steps(path: str | Path) -> list:
+    """The `trainer/step` of every history row the run sent, in order."""
+    return [
+        json.loads(item.value_json)
+        for record in read_records(path)
+        if record.WhichOneof("record_type") == "history"
+        for item in record.history.item
+        if item.key == "trainer/step" or list(item.nested_key) == ["trainer/step"]
+    ]

@@ -1,0 +1,107 @@
+"""Start-up checks of what would otherwise fail an hour into a run, each error naming the config key.
+
+`preflight(cfg)` runs before anything expensive (model build, warm-start, Ray): the output folder is writable,
+its disk holds the checkpoints the run keeps, and a configured model path exists here. `check_on_nodes`
+runs once Ray is up: on a cluster of several nodes, every node must see the model directory (engines and
+learner ranks load it on their own node).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from pathlib import Path
+
+from orchestration.config import TrainConf
+from orchestration.sizes import ConfigError
+
+FLOAT32_BYTES = 4
+OPTIMIZER_COPIES = 3
+"""The learner state per parameter: float32 master weight and AdamW's two moments."""
+
+
+def model_params(cfg: TrainConf) -> tuple[int, int] | None:
+    """(parameters, bytes per parameter of the model's own dtype), approximately, or None when the model is
+    not a local directory (a hub id: its size is not known before it is downloaded)."""
+    m = cfg.model
+    if m.path is None:  # the tiny model, from its config: embeddings and LM head + attention and MLP per layer
+        from rollout.tiny import VOCAB_SIZE
+
+        h, kv = m.tiny_hidden_size, m.tiny_hidden_size * m.tiny_kv_heads // m.tiny_heads
+        return 2 * VOCAB_SIZE * h + m.tiny_layers * (2 * h * h + 2 * h * kv + 3 * h * m.tiny_intermediate_size), 4
+    path = Path(m.path)
+    if not (path / "config.json").is_file():
+        return None
+    config = json.loads((path / "config.json").read_text())
+    dtype_bytes = 2 if (config.get("dtype") or config.get("torch_dtype")) in ("bfloat16", "float16") else 4
+    weight_bytes = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return weight_bytes // dtype_bytes, dtype_bytes
+
+
+def checkpoint_bytes(cfg: TrainConf) -> tuple[int, int] | None:
+    """(bytes of one checkpoint, of one snapshot), approximately: the learner's sharded state (3 × params ×
+    4 B) plus, for a checkpoint, the HF export (params × the model's dtype). None when the size is unknown."""
+    found = model_params(cfg)
+    if found is None:
+        return None
+    params, dtype_bytes = found
+    learner = OPTIMIZER_COPIES * FLOAT32_BYTES * params
+    return learner + params * dtype_bytes, learner
+
+
+def disk_needed(cfg: TrainConf) -> int | None:
+    """Bytes the run's checkpoints and snapshots take at most: the kept checkpoints plus the one being written
+    before the oldest is pruned (trainer.keep_checkpoints; 0 keeps one per trainer.save_every and the last),
+    and two snapshots when trainer.snapshot_every is on."""
+    sizes = checkpoint_bytes(cfg)
+    if sizes is None:
+        return None
+    t = cfg.trainer
+    saved = math.ceil(t.total_steps / t.save_every) + 1 if t.save_every else 1
+    kept = min(t.keep_checkpoints + 1, saved) if t.keep_checkpoints else saved
+    return kept * sizes[0] + (2 * sizes[1] if t.snapshot_every else 0)
+
+
+def preflight(cfg: TrainConf) -> None:
+    """Raise ConfigError, naming the key, for an output folder that is not writable or whose disk is too small
+    for the configured checkpoints, or a model.path that does not exist here (unless it is a hub id)."""
+    out = Path(cfg.trainer.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"trainer.output_dir: {out} is not writable: {err}") from err
+    path = cfg.model.path
+    if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.path: {path!r} does not exist")
+    needed = disk_needed(cfg)
+    free = shutil.disk_usage(out).free
+    if needed is not None and needed > free:
+        raise ConfigError(
+            f"trainer.output_dir / trainer.keep_checkpoints / trainer.save_every: the run's checkpoints need about "
+            f"{needed / 1e9:.1f} GB (each ≈ 3 × parameters × 4 B of learner state + the HF export), but {out} "
+            f"has {free / 1e9:.1f} GB free"
+        )
+
+
+def check_on_nodes(path: str, key: str) -> None:
+    """On a Ray cluster of several nodes: ConfigError naming `key` when some node cannot see `path` (every
+    engine and learner rank loads the model on its own node). One tiny task per node; nothing on one node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+    exists = ray.remote(num_cpus=0)(lambda p: Path(p).exists())
+    refs = [
+        exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(path)
+        for node in nodes
+    ]
+    missing = [node["NodeManagerAddress"] for node, ok in zip(nodes, ray.get(refs, timeout=120)) if not ok]
+    if missing:
+        raise ConfigError(f"{key}: {path} is missing on the node(s) {missing}; put it on storage every node sees")
