@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load
 from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.faults import Faults, FaultSpec
 from orchestration.preflight import check_on_nodes, preflight
-from orchestration.sampling import OverlongShaping
+from orchestration.sampling import OverlongShaping, RoundSizer
 from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
 from orchestration.tasks import make_rows, write_jsonl
 from orchestration.weight_sync import push_weights
@@ -244,6 +244,12 @@ class Run:
     ckpt: CheckpointManager
     uses_reference: bool
     faults: Faults
+    round_sizer: RoundSizer | None = None
+    """Adaptive generation rounds (algorithm.adaptive_gen_rounds); None: every round draws gen_batch_prompts."""
+    pipeline: Any = None
+    """The loop's RolloutPipeline (orchestration/pipeline.py), set by orchestration.train."""
+    pushed_weights: list = field(default_factory=list)
+    """With trainer.max_staleness 1: the object refs of the last pushed weight buckets (see recover_weights)."""
     owns_ray: bool = False
     """True when build_run started (or joined) Ray itself: shutdown() then disconnects, so that the next run
     of the same process (a sweep's next member) starts with its own runtime environment."""
@@ -252,9 +258,23 @@ class Run:
         return sampling_config(self.cfg, seed, evaluation=evaluation)
 
     def push_weights(self, policy_version: int, ranks: list[int] | None = None) -> dict:
-        """The learner's weights into every rollout engine (or the engines `ranks`), as `policy_version`."""
+        """The learner's weights into every rollout engine (or the engines `ranks`), as `policy_version`. With
+        trainer.max_staleness 1 the weights stay in the object store until the next push (`recover_weights`)."""
         bucket_bytes = int(self.cfg.learner.weight_bucket_mb * 2**20)
-        return push_weights(self.learner, self.rollout, policy_version, bucket_bytes=bucket_bytes, ranks=ranks)
+        keep = self.pushed_weights if self.cfg.trainer.max_staleness else None
+        return push_weights(
+            self.learner, self.rollout, policy_version, bucket_bytes=bucket_bytes, ranks=ranks, keep=keep
+        )
+
+    def recover_weights(self, ranks: list[int]) -> None:
+        """Bring restarted engines `ranks` to the version the others hold. Synchronous runs push the learner's
+        weights again (the learner holds that version while the engines generate); with trainer.max_staleness 1
+        the engines generate while the learner moves on, so the last pushed buckets are sent again instead (and
+        the learner, busy in the loop's thread, is never called from the rollout thread)."""
+        if self.pushed_weights:
+            self.rollout.update_weights(self.pushed_weights, self.rollout.policy_version, ranks=ranks)
+        else:
+            self.push_weights(self.rollout.policy_version, ranks)
 
     def replace_learner(self) -> None:
         """Kill the learner group's ranks (also those stuck in a collective) and start a new group with the
@@ -393,11 +413,12 @@ def build_run(cfg: TrainConf) -> Run:
         else None,
         ckpt=CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_checkpoints),
         uses_reference=learner.config.uses_reference,
+        round_sizer=RoundSizer(a.gen_batch_prompts, a.gen_round_margin) if a.adaptive_gen_rounds else None,
         faults=Faults([FaultSpec.parse(text) for text in cfg.trainer.fault_inject], cfg.trainer.max_restarts),
         owns_ray=owns_ray,
     )
     for kind, group in (("rollout", rollout), ("learner", learner), ("reward", reward)):
         run.faults.attach(kind, group)
     # a restarted engine gets the learner's current weights (the learner of the moment: it may be replaced)
-    rollout.recover_weights = lambda ranks: run.push_weights(run.rollout.policy_version, ranks)
+    rollout.recover_weights = run.recover_weights
     return run

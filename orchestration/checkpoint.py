@@ -2,8 +2,11 @@
 
 step_<k>/learner/             sharded training state (model, optimizer, scheduler, RNG per rank)
 step_<k>/hf/                  a Hugging Face export (safetensors + config + tokenizer) vLLM/transformers load
-step_<k>/trainer_state.json   step, policy version, sampler position, wandb run id; written LAST, so a
-                              directory without it is an interrupted save and is ignored (and replaced)
+step_<k>/pending.pt           with trainer.max_staleness 1: the batch already collected for step k + 1
+                              (orchestration/pipeline.py), so the resumed run trains on exactly that batch
+step_<k>/trainer_state.json   step, policy version, sampler position, round sizer, wandb run id; written
+                              LAST, so a directory without it is an interrupted save and is ignored (and
+                              replaced)
 
 Snapshots (`trainer.snapshot_every`) are the same minus the HF export, in `snapshots/step_<k>/`, only the
 newest kept: cheap restore points, so that a learner restart replays fewer steps. Resuming and restarting
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "trainer_state.json"
+PENDING_FILE = "pending.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -74,9 +78,9 @@ class CheckpointManager:
         """The newest complete checkpoint or snapshot of this run (None: the run's start)."""
         return _newest([path for path in self.this_run if (path / STATE_FILE).is_file()])
 
-    def save(self, state: TrainerState, learner: Any, *, snapshot: bool = False) -> Path:
-        """Save the learner's sharded state (and, unless a snapshot, an HF export), then the trainer state, then
-        prune."""
+    def save(self, state: TrainerState, learner: Any, *, snapshot: bool = False, pending: Any = None) -> Path:
+        """Save the learner's sharded state (and, unless a snapshot, an HF export), the `pending` batch when
+        there is one, then the trainer state, then prune."""
         path = self.step_dir(state.step, snapshot=snapshot)
         if path.exists():  # an interrupted save of this step, or a re-run after resume: start clean
             shutil.rmtree(path)
@@ -84,12 +88,26 @@ class CheckpointManager:
         learner.save_checkpoint(str(path / "learner"))
         if not snapshot:
             learner.export_hf(str(path / "hf"))
+        if pending is not None:
+            import torch
+
+            torch.save(pending, path / PENDING_FILE)
         tmp = path / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(state), indent=2))
         os.replace(tmp, path / STATE_FILE)
         self.this_run.append(path)
         self._prune(snapshots=snapshot)
         return path
+
+    @staticmethod
+    def pending(path: str | Path) -> Any:
+        """The pending batch saved with the checkpoint at `path` (None when it has none)."""
+        file = Path(path) / PENDING_FILE
+        if not file.is_file():
+            return None
+        import torch
+
+        return torch.load(file, weights_only=False)  # our own file: a RolloutBatch and its metrics
 
     def load(self, path: str | Path, learner: Any) -> TrainerState:
         """Restore the learner from `path` and return the trainer state saved with it."""

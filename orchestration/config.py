@@ -52,7 +52,14 @@ class AlgorithmConf:
     train_batch_prompts: int = 512
     """Prompts (groups) per training step, after dynamic sampling."""
     gen_batch_prompts: int = 2048
-    """Prompts per generation round (dynamic sampling generates rounds until train_batch_prompts are kept)."""
+    """Prompts per generation round (dynamic sampling generates rounds until train_batch_prompts are kept); with
+    adaptive_gen_rounds, the size of the run's first round and the largest any round may be."""
+    adaptive_gen_rounds: bool = False
+    """Size each generation round from dynamic sampling's running keep-rate (missing groups / keep-rate ×
+    gen_round_margin; orchestration.sampling.RoundSizer) instead of always gen_batch_prompts (DAPO's recipe,
+    which generates up to 2× what it keeps when most groups carry signal)."""
+    gen_round_margin: float = 1.25
+    """Adaptive rounds: safety factor over the expected need (>= 1; more = fewer extra rounds, more surplus)."""
     mini_batch_prompts: int = 64
     """Prompts per optimizer step (`ppo_mini_batch_size`); train_batch_prompts / this = optimizer steps per
     training step. FIPO needs at least 2 (on the first, π_θ = π_old and FIPO equals DAPO)."""
@@ -100,6 +107,7 @@ class AlgorithmConf:
         _one_of(self.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "algorithm.advantage_estimator")
         for key in ("group_size", "train_batch_prompts", "gen_batch_prompts", "mini_batch_prompts", "max_gen_rounds"):
             _positive(getattr(self, key), f"algorithm.{key}")
+        _check(self.gen_round_margin >= 1, "algorithm.gen_round_margin", f"must be >= 1, got {self.gen_round_margin}")
         _check(self.overlong_buffer_tokens >= 0, "algorithm.overlong_buffer_tokens", "must be >= 0")
         _check(self.overlong_penalty_factor >= 0, "algorithm.overlong_penalty_factor", "must be >= 0")
         _check(0 <= self.clip_low < 1, "algorithm.clip_low", f"must be in [0, 1), got {self.clip_low}")
@@ -352,6 +360,11 @@ class TrainerConf:
     """auto: continue from the latest checkpoint in output_dir if there is one | none: start fresh."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk (older ones are deleted); 0 keeps all."""
+    max_staleness: int = 0
+    """0: each step's batch is generated with the weights that step trains from (synchronous, on-policy; the
+    official recipes). 1: step k + 1's batch is generated with version k's weights while step k trains, so
+    generation and training overlap (one-step off-policy; orchestration/pipeline.py). Larger values are not
+    supported."""
     snapshot_every: int = 0
     """Save a learner snapshot every this many steps, between checkpoints: the sharded training state and the
     trainer state without the HF export, in <output_dir>/snapshots/ (only the newest kept). A learner restart
@@ -388,6 +401,7 @@ class TrainerConf:
         _positive(self.eval_samples, "trainer.eval_samples")
         _check(0 < self.eval_top_p <= 1, "trainer.eval_top_p", f"must be in (0, 1], got {self.eval_top_p}")
         _one_of(self.resume, ("auto", "none"), "trainer.resume")
+        _one_of(self.max_staleness, (0, 1), "trainer.max_staleness")
 
 
 @dataclass

@@ -53,6 +53,18 @@ def rollout_metrics(batch: RolloutBatch, max_response_tokens: int) -> dict[str, 
     return out
 
 
+def timing_metrics(timings: Mapping[str, float], metrics: Mapping[str, float]) -> dict[str, float]:
+    """The step's stage timings plus perf/tokens_per_s (generated tokens / step wall time) and, when the
+    rollout was collected (partly) in the background, perf/rollout_hidden_frac: the share of its busy time the
+    loop did not wait for (0 = synchronous, 1 = fully overlapped with training)."""
+    out = dict(timings) | {"perf/tokens_per_s": metrics["rollout/tokens"] / timings["timing_s/step"]}
+    busy = metrics.get("timing_s/rollout_busy")
+    if busy:
+        waited = timings.get("timing_s/rollout", 0.0) + timings.get("timing_s/rollout_wait", 0.0)
+        out["perf/rollout_hidden_frac"] = min(1.0, max(0.0, 1.0 - waited / busy))
+    return out
+
+
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Tensors and numbers → plain floats (one host sync per step, here)."""
     out = {}

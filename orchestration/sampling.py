@@ -9,6 +9,7 @@ caller's error to raise (see orchestration.train), never a silent partial batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,4 +134,51 @@ class GroupPool:
         }
         for reason in ("all_correct", "all_wrong", "no_valid_reward", "filtered"):
             out[f"dynamic_filter/drop_{reason}"] = float(self.drops[reason])
+        out["dynamic_filter/surplus_groups"] = float(max(0, len(self.kept) - self.target_prompts))
         return out
+
+
+class RoundSizer:
+    """How many prompts a generation round draws: enough for the groups still missing at the running keep-rate
+    of dynamic sampling, instead of a fixed `gen_batch_prompts` (DAPO's recipe, which generates up to twice
+    what it keeps when most groups carry signal).
+
+    round size = ceil(missing groups / keep-rate × margin), between the missing count and `max_prompts`; the
+    keep-rate is kept / seen over the rounds of the last `window` steps; with no history yet (the run's first
+    round), `max_prompts`. Deterministic: a function of earlier rounds' outcomes only, which the checkpoint
+    keeps (`state_dict`).
+
+    max_prompts: the largest round (algorithm.gen_batch_prompts).
+    margin:      safety factor over the expected need (algorithm.gen_round_margin), >= 1.
+    window:      steps of history in the keep-rate estimate.
+    """
+
+    def __init__(self, max_prompts: int, margin: float, window: int = 4) -> None:
+        if max_prompts < 1 or margin < 1 or window < 1:
+            raise ValueError(
+                f"RoundSizer needs max_prompts >= 1, margin >= 1, window >= 1; got {max_prompts}, {margin}, {window}"
+            )
+        self.max_prompts, self.margin, self.window = max_prompts, margin, window
+        self.history: list[tuple[int, int]] = []  # (kept, seen) per step, newest last
+
+    def keep_rate(self) -> float | None:
+        seen = sum(s for _, s in self.history)
+        return sum(k for k, _ in self.history) / seen if seen else None
+
+    def size(self, missing: int) -> int:
+        """Prompts for the next round of a step that still needs `missing` groups."""
+        rate = self.keep_rate()
+        if rate is None:
+            return self.max_prompts
+        wanted = math.ceil(missing / max(rate, 1e-3) * self.margin)
+        return max(1, min(self.max_prompts, max(missing, wanted)))
+
+    def record(self, kept: int, seen: int) -> None:
+        """A finished step's totals over its rounds (kept counts every kept group, surplus included)."""
+        self.history = [*self.history, (kept, seen)][-self.window :]
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(h) for h in state.get("history", [])]

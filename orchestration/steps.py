@@ -57,13 +57,19 @@ def stage(name: str, step: int, timings: dict[str, float], stack_dir: str | None
 
 
 def restore(run: Run, path: Path | None, wandb_run_id: str | None = None) -> TrainerState:
-    """The learner and the data order as they were after the checkpoint (or snapshot) `path`, and its trainer
-    state; None: the run's start (the learner as built, the first prompts, step 0, `wandb_run_id`)."""
+    """The learner, the data order, the round sizer and any batch collected ahead as they were after the
+    checkpoint (or snapshot) `path`, and its trainer state; None: the run's start (the learner as built, the
+    first prompts, step 0, `wandb_run_id`)."""
     if path is None:
         run.sampler.load_state_dict(run.sampler.state_dict() | {"epoch": 0, "position": 0})
-        return TrainerState(wandb_run_id=wandb_run_id)
-    state = run.ckpt.load(path, run.learner)
-    run.sampler.load_state_dict(state.sampler)
+        state = TrainerState(wandb_run_id=wandb_run_id)
+    else:
+        state = run.ckpt.load(path, run.learner)
+        run.sampler.load_state_dict(state.sampler)
+    if run.round_sizer is not None:
+        run.round_sizer.load_state_dict(state.extra.get("round_sizer", {}))
+    if run.pipeline is not None:
+        run.pipeline.load_state_dict(None if path is None else run.ckpt.pending(path))
     return state
 
 
@@ -78,6 +84,8 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
     while True:
         if run.learner.failed is None:  # not a learner failure: rollout and reward recover inside their groups
             raise error
+        if run.pipeline is not None:  # a batch collected ahead: the restore brings its own
+            run.pipeline.discard()
         rank_error = next((e for e in _causes(error) if isinstance(e, LearnerRankError)), None)
         rank = rank_error.rank if rank_error is not None else None
         worker = f"learner rank {rank}" if rank is not None else f"learner group ({run.learner.failed})"
@@ -119,17 +127,24 @@ def score(run: Run, rows: Sequence[PromptRow], samples: Sequence[Any]):
 
 
 def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
-    """Generation rounds with dynamic sampling until the step's batch is full (or an error after max rounds)."""
+    """Generation rounds with dynamic sampling until the step's batch is full (or an error after max rounds).
+    Each round draws algorithm.gen_batch_prompts prompts, or, with adaptive rounds, what the running keep-rate
+    says the missing groups need (orchestration.sampling.RoundSizer)."""
     a = run.cfg.algorithm
     pool = GroupPool(run.sizes.train_batch_prompts, run.sample_filter)
     rounds = a.max_gen_rounds if run.sample_filter is not None else 1
     for gen_round in range(rounds):
-        rows = [run.train_rows[i] for i in run.sampler.next_indices(run.sizes.gen_batch_prompts)]
+        size = run.sizes.gen_batch_prompts
+        if run.round_sizer is not None:
+            size = run.round_sizer.size(run.sizes.train_batch_prompts - len(pool.kept))
+        rows = [run.train_rows[i] for i in run.sampler.next_indices(size)]
         samples = run.rollout.generate(
             [list(r.messages) for r in rows], run.sampling(sampling_seed(run.cfg.seed, step, gen_round))
         )
         pool.add(group_samples(rows, samples, score(run, rows, samples)))
         if pool.full():
+            if run.round_sizer is not None:
+                run.round_sizer.record(len(pool.kept), pool.seen_groups)
             return pool.to_batch(run.rollout.pad_token_id, run.shaping), pool.metrics()
     raise RuntimeError(
         f"dynamic sampling kept {len(pool.kept)} of the {run.sizes.train_batch_prompts} groups a step needs after "

@@ -3,6 +3,7 @@
 With no overrides: FIPO on the built-in synthetic task with the tiny model on the local CPU. Each step:
 rollout with dynamic sampling → rewards → old log-probs → advantages → learner update (FIPO's future-KL
 weights inside the loss of each micro-batch) → weight push (policy version + 1) → metrics → checkpoint/eval.
+With trainer.max_staleness=1 the next step's rollout runs while this step trains (orchestration/pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestration.builders import build_run, stack_dir
 from orchestration.config import TrainConf, register_configs, to_object
-from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, to_floats
+from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, timing_metrics, to_floats
+from orchestration.pipeline import RolloutPipeline
 from orchestration.sizes import ConfigError
 from orchestration.steps import (
     StageError,
-    collect_batch,
     compute_advantages,
     evaluate,
     learner_metrics,
@@ -40,7 +41,7 @@ def train(cfg: TrainConf) -> dict[str, float]:
     run = build_run(cfg)
     t, stacks = cfg.trainer, stack_dir(cfg)
     print(run.sizes.describe(), flush=True)
-    logger = None
+    logger, run.pipeline = None, RolloutPipeline(run, t.max_staleness)
     try:
         latest = run.ckpt.latest() if t.resume == "auto" else None
         state = restore(run, latest)
@@ -74,9 +75,10 @@ def train(cfg: TrainConf) -> dict[str, float]:
                     with stage("eval", step, timings, stacks):
                         initial = evaluate(run, run.val_rows, step)
                         metrics |= {k.replace("eval/", "eval/initial_"): v for k, v in initial.items()}
-                with stage("rollout", step, timings, stacks):
-                    batch, filter_metrics = collect_batch(run, step)
-                metrics |= filter_metrics | rollout_metrics(batch, cfg.rollout.max_response_tokens)
+                with stage("rollout", step, timings, stacks):  # collected now, or ahead during the last step
+                    batch, rollout_info = run.pipeline.batch(step, state.policy_version)
+                metrics |= rollout_info | rollout_metrics(batch, cfg.rollout.max_response_tokens)
+                run.pipeline.start(step + 1)  # max_staleness 1: the next batch is generated while this one trains
                 with stage("old_log_probs", step, timings, stacks):
                     batch = batch.replace(old_log_probs=run.learner.compute_log_probs(batch))
                 if run.uses_reference:
@@ -86,6 +88,8 @@ def train(cfg: TrainConf) -> dict[str, float]:
                     batch, adv_metrics = compute_advantages(run, batch)
                 with stage("update", step, timings, stacks):
                     metrics |= learner_metrics(run.learner.update(batch)) | to_floats(adv_metrics)
+                with stage("rollout_wait", step, timings, stacks):  # the engines finish the next batch first
+                    run.pipeline.drain()
                 with stage("weight_sync", step, timings, stacks):
                     state.policy_version += 1
                     metrics |= run.push_weights(state.policy_version)
@@ -94,18 +98,16 @@ def train(cfg: TrainConf) -> dict[str, float]:
                     with stage("eval", step, timings, stacks):
                         metrics |= evaluate(run, run.val_rows, step + 1)
                 state.step, state.sampler = step + 1, run.sampler.state_dict()
-                if (t.save_every and state.step % t.save_every == 0) or last:
-                    with stage("checkpoint", step, timings, stacks):
-                        run.ckpt.save(state, run.learner)
-                elif t.snapshot_every and state.step % t.snapshot_every == 0:
-                    with stage("snapshot", step, timings, stacks):
-                        run.ckpt.save(state, run.learner, snapshot=True)
+                state.extra["round_sizer"] = run.round_sizer.state_dict() if run.round_sizer else {}
+                snapshot = not ((t.save_every and state.step % t.save_every == 0) or last)
+                if not snapshot or (t.snapshot_every and state.step % t.snapshot_every == 0):
+                    with stage("snapshot" if snapshot else "checkpoint", step, timings, stacks):
+                        run.ckpt.save(state, run.learner, snapshot=snapshot, pending=run.pipeline.state_dict())
             except StageError as err:  # a failed learner: a new group, restored; the loop replays from there
                 state = recover_learner(run, err, logger, state.wandb_run_id)
                 continue
             timings["timing_s/step"] = time.perf_counter() - start
-            metrics |= timings | {"perf/tokens_per_s": metrics["rollout/tokens"] / timings["timing_s/step"]}
-            metrics |= run.faults.metrics()
+            metrics |= timing_metrics(timings, metrics) | run.faults.metrics()
             logger.log(step, metrics)
         summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
         (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -113,6 +115,7 @@ def train(cfg: TrainConf) -> dict[str, float]:
     finally:
         if logger is not None:
             logger.close()
+        run.pipeline.close()
         run.shutdown()
 
 

@@ -37,6 +37,7 @@ def push_weights(
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ranks: list[int] | None = None,
+    keep: list | None = None,
 ) -> dict:
     """Send the learner's current weights to every rollout engine (or only to the engines `ranks`, e.g. one
     just restarted); later samples carry `policy_version`.
@@ -50,6 +51,8 @@ def push_weights(
         policy_version: the version the new weights get (the caller's previous version + 1).
         bucket_bytes: target size of one object-store bucket, bytes.
         ranks: the rollout workers to update; None = all.
+        keep: a list that receives the bucket refs (which keeps these weights in the object store, so that a
+            restarted engine can get them again without asking the learner; see `resend_weights`).
     Returns: {"weight_sync/bytes": bytes of one full copy, "weight_sync/seconds": wall time from the first
         gather to the last engine's finished load, "weight_sync/gb_per_s": bytes / seconds / 1e9,
         "weight_sync/num_buckets", "weight_sync/policy_version"}.
@@ -60,6 +63,8 @@ def push_weights(
         rollout_group.update_weights(buckets.refs, policy_version, ranks=ranks)
     finally:  # a learner rank's failure is the root cause of a failed load: raise it first
         learner_group.finish_weight_buckets(buckets)
+    if keep is not None:
+        keep[:] = buckets.refs
     seconds = time.perf_counter() - start
     return {
         "weight_sync/bytes": buckets.nbytes,

@@ -131,3 +131,28 @@ def test_majority_vote_and_summary():
     )
     assert s["avg_at_k"] == pytest.approx((0.5 + 0.25) / 2)
     assert s["cons_at_k"] == 0.5 and s["pass_at_k"] == 1.0
+
+
+def test_round_sizer_sizes_rounds_from_the_running_keep_rate():
+    from orchestration.sampling import RoundSizer
+
+    sizer = RoundSizer(max_prompts=32, margin=1.25, window=2)
+    assert sizer.size(16) == 32  # no history yet: DAPO's fixed round
+    sizer.record(kept=27, seen=32)  # keep-rate 27/32
+    assert sizer.size(16) == math.ceil(16 / (27 / 32) * 1.25) == 24
+    assert sizer.size(3) == 5  # a top-up round: ceil(3 / 0.84375 × 1.25)
+    sizer.record(kept=2, seen=32)  # keep-rate over the window: 29 / 64
+    assert sizer.size(16) == 32  # ceil(16 / (29/64) × 1.25) = 45, capped at max_prompts
+    sizer.record(kept=32, seen=32)  # the window keeps the last 2 steps: 34 / 64
+    assert sizer.size(16) == 32  # ceil(16 / (34/64) × 1.25) = 38, capped at max_prompts
+    restored = RoundSizer(32, 1.25, window=2)
+    restored.load_state_dict(sizer.state_dict())
+    assert restored.size(10) == sizer.size(10) == math.ceil(10 / (34 / 64) * 1.25)
+    with pytest.raises(ValueError, match="margin >= 1"):
+        RoundSizer(32, 0.5)
+
+
+def test_pool_reports_surplus_groups():
+    pool = GroupPool(target_prompts=1, sample_filter=None)
+    pool.add(make_round([[True, False], [True, True], [False, False]]))
+    assert pool.metrics()["dynamic_filter/surplus_groups"] == 2
