@@ -11,8 +11,12 @@ writes into `--output-dir`:
     compare.md    one table row per group and metric: mean, 95% confidence interval over the runs (seeds), n;
                   then, per metric, the paired difference of every group against the baseline group over the
                   seeds both have (mean and 95% CI), when runs pair up by `--pair-by` (default: seed)
+                  and for FIPO runs the mechanism's activity: the influence weights on the last mini-batch of
+                  each step (share of tokens with f off 1 by > 1%, share above the clip, mean and max f),
+                  averaged over the run's steps
     compare.json  the same numbers, plus every run's own final values
-    compare.png   curves over training steps, per group: the mean over runs with a 95% confidence band
+    compare.png   curves over training steps, per group: the mean over runs with a 95% confidence band (per-step
+                  training curves smoothed within each run by a trailing --smooth-step mean; evaluations not)
 
 Final values: the held-out metrics of each run's last evaluation (eval/avg_at_k, cons_at_k, pass_at_k,
 response_length_mean), and the training batch's response length, entropy and reward accuracy averaged over
@@ -50,6 +54,13 @@ FINAL_TRAIN = {
 }
 # Per run: the sum of its steps' wall times (evaluations and checkpoints included; start-up excluded).
 FINAL_RUN = {"train_seconds": "wall time per run (s)"}
+# FIPO's mechanism: the last mini-batch of every step (the first has θ = θ_old: weights ≡ 1), mean over all steps.
+MECHANISM = {
+    "learner/last_mini_batch/influence_weights_active_frac": "tokens with f off 1 by > 1% (%)",
+    "learner/last_mini_batch/influence_weights_clipfrac_upper": "raw weight above the clip (%)",
+    "learner/last_mini_batch/influence_weights_mean": "mean weight f",
+    "learner/last_mini_batch/influence_weights_max": "max weight f",
+}
 # Curves of compare.png: (key, title, is an evaluation metric).
 CURVES = (
     ("avg_at_k", "held-out avg@k", True),
@@ -58,6 +69,8 @@ CURVES = (
     ("rollout/response_length_mean", "training response length (tokens)", False),
     ("learner/entropy", "entropy", False),
     ("learner/last_mini_batch/influence_weights_mean", "FIPO weights, last mini-batch mean", False),
+    ("learner/last_mini_batch/influence_weights_active_frac", "FIPO: share of tokens with f off 1 by > 1%", False),
+    ("learner/last_mini_batch/influence_weights_clipfrac_upper", "FIPO: share of raw weights above the clip", False),
 )
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then 40, 60, 120, ∞).
 _T975 = tuple(
@@ -141,6 +154,9 @@ def load_run(run_dir: Path, group_by: Sequence[str], pair_by: str | None, last_s
         values = [row[key] for row in tail if row.get(key) is not None]
         final[key] = statistics.fmean(values) if values else None
     final["train_seconds"] = sum(row.get("timing_s/step") or 0.0 for row in rows)
+    for key in MECHANISM:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        final[key] = statistics.fmean(values) if values else None
     return {"run": str(run_dir), "group": group, "pair": pair, "steps": len(rows), "final": final, "rows": rows}
 
 
@@ -154,7 +170,7 @@ def compare(
     for run in runs:
         groups[run["group"]].append(run)
     labels = sorted(groups)
-    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN) + list(FINAL_RUN)
+    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN) + list(FINAL_RUN) + list(MECHANISM)
     table = {
         label: {m: mean_ci([r["final"][m] for r in groups[label] if r["final"][m] is not None]) for m in metrics}
         for label in labels
@@ -212,11 +228,30 @@ def markdown(table: Mapping[str, Mapping], paired: Mapping[str, Mapping], runs: 
         for label, stats in paired.items():
             n = max(s["n"] for s in stats.values())
             lines.append(f"| {label} | {n} | " + " | ".join(_fmt(stats[m], scale[m]) for m in names) + " |")
+    fipo = {label: stats for label, stats in table.items() if stats[next(iter(MECHANISM))]["n"]}
+    if fipo:
+        lines += [
+            "",
+            "FIPO's influence weights f on the last mini-batch of each step, mean over the run's steps:",
+            "",
+            "| group | n | " + " | ".join(MECHANISM.values()) + " |",
+            "|" + "---|" * (len(MECHANISM) + 2),
+        ]
+        for label, stats in fipo.items():
+            pct = {m: 100.0 if m.endswith("_frac") or m.endswith("_upper") else 1.0 for m in MECHANISM}
+            cells = " | ".join(_fmt(stats[m], pct[m]) for m in MECHANISM)
+            lines.append(f"| {label} | {stats[next(iter(MECHANISM))]['n']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_groups(runs: Sequence[dict[str, Any]], output: Path) -> Path:
-    """compare.png: one panel per CURVES entry; per group the mean over its runs with a 95% band."""
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start); window 1 = the values themselves."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def plot_groups(runs: Sequence[dict[str, Any]], output: Path, smooth: int = 1) -> Path:
+    """compare.png: one panel per CURVES entry; per group the mean over its runs with a 95% band. Per-step
+    training curves are first smoothed within each run by a trailing `smooth`-step mean (evaluations are not)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,13 +261,14 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path) -> Path:
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         groups[run["group"]].append(run)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title, is_eval) in zip(axes.flat, CURVES):
         for i, (label, members) in enumerate(sorted(groups.items())):
             points: dict[int, list[float]] = defaultdict(list)
             for run in members:
                 xs, ys = eval_series(run["rows"], key) if is_eval else series(run["rows"], key, shift=1)
+                ys = ys if is_eval else moving_average(ys, smooth)
                 for x, y in zip(xs, ys):
                     points[x].append(y)
             if not points:
@@ -246,7 +282,8 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path) -> Path:
             ax.fill_between(
                 xs, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], color=color, alpha=0.2
             )
-        ax.set(title=title, xlabel="update (0 = before RL)" if is_eval else "update")
+        smoothed = f" ({smooth}-step moving average)" if smooth > 1 and not is_eval else ""
+        ax.set(title=title + smoothed, xlabel="update (0 = before RL)" if is_eval else "update")
         ax.ticklabel_format(useOffset=False, axis="y")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -268,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pair-by", default="seed", help="config key pairing runs across groups ('' = no pairing)")
     p.add_argument("--baseline", help="the group the paired differences are taken against (a value of --group-by)")
     p.add_argument("--last-steps", type=int, default=5, help="training metrics: mean over this many last steps")
+    p.add_argument("--smooth", type=int, default=5, help="compare.png: trailing mean over this many steps (per run)")
     p.add_argument(
         "--output-dir", help="where compare.md/json/png go (default: the one path given, else outputs/compare)"
     )
@@ -288,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": [{k: v for k, v in run.items() if k != "rows"} for run in runs],
     }
     (out / "compare.json").write_text(json.dumps(report, indent=1, default=str))
-    png = plot_groups(runs, out / "compare.png")
+    png = plot_groups(runs, out / "compare.png", smooth=max(1, args.smooth))
     print(text + f"\nwrote {out / 'compare.md'}, {out / 'compare.json'}, {png}", flush=True)
     return report
 

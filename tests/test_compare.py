@@ -19,6 +19,8 @@ def write_run(path, algorithm, seed, final_avg, steps=8):
     for step in range(steps):
         row = {"step": step, "rollout/response_length_mean": (20.0 + seed if algorithm == "fipo" else 10.0) + step}
         row["timing_s/step"] = 2.0
+        if algorithm == "fipo":  # FIPO's weights on the last mini-batch: active share 0.1 + seed / 10 every step
+            row["learner/last_mini_batch/influence_weights_active_frac"] = 0.1 + seed / 10
         if step == 0:
             row["eval/initial_avg_at_k"] = 0.1
         if step == steps - 1:
@@ -67,11 +69,15 @@ def test_compare_groups_intervals_and_paired_differences(sweep_dir, capsys):
     diff = report["paired_differences"]["algorithm=fipo − algorithm=dapo"]["eval/avg_at_k"]
     assert diff["n"] == 3 and math.isclose(diff["mean"], 0.1) and math.isclose(diff["ci95"], half)
     assert fipo["train_seconds"]["mean"] == 16.0  # 8 steps of 2 s
+    active = fipo["learner/last_mini_batch/influence_weights_active_frac"]  # seeds 0, 1, 2: 0.1, 0.2, 0.3
+    assert math.isclose(active["mean"], 0.2) and math.isclose(active["ci95"], half)
+    assert dapo["learner/last_mini_batch/influence_weights_active_frac"]["n"] == 0
     table = (sweep_dir / "compare.md").read_text()
     assert (
         "| algorithm=fipo | 3 | 60.0 ± 24.8 |" in table
         and "| algorithm=fipo − algorithm=dapo | 3 | 10.0 ± 24.8 |" in table
     )
+    assert "| algorithm=fipo | 3 | 20.0 ± 24.8 |" in table.split("FIPO's influence weights")[1]
     assert (sweep_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "algorithm=dapo" in capsys.readouterr().out
 
@@ -110,3 +116,10 @@ def test_sweep_member_folder_names(monkeypatch):
     long_name = member_dirname([f"data.synthetic_train_prompts={10**100}", f"seed={10**90}"])
     assert len(long_name) == 120 and long_name.startswith("data.synthetic_train_prompts=1000")
     assert long_name != member_dirname([f"data.synthetic_train_prompts={10**100}", f"seed={10**90 + 1}"])
+
+
+def test_moving_average_is_trailing():
+    from orchestration.compare import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert moving_average([5.0, 7.0], 1) == [5.0, 7.0]
