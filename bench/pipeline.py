@@ -1,0 +1,98 @@
+"""Seconds per training step of the demo's job, synchronous vs overlapped (issue 15), same code and seed.
+
+    python -m bench.pipeline [--steps 20] [--seed 0] [--configs sync,overlap,default]
+
+Trains the demo's configuration (conf/config.yaml: FIPO, 16 prompts × 8 samples per step, 2 optimizer steps,
+the tiny model after its cached warm-start) for `--steps` steps without evaluations, once per configuration,
+one after the other in this process:
+
+    sync      trainer.max_staleness=0, algorithm.adaptive_gen_rounds=false   (the loop before the pipeline)
+    overlap   trainer.max_staleness=1, algorithm.adaptive_gen_rounds=false   (overlap alone)
+    default   trainer.max_staleness=1, algorithm.adaptive_gen_rounds=true    (the demo's default)
+
+and prints, per configuration, the median seconds per step (over the steps after the first two, which hold
+start-up effects, and without the last, which saves a checkpoint), trained samples/s (samples in the update /
+s per step), generated samples/s (prompts drawn × group size / s per step), the mean share of rollout time
+hidden behind training, and the ratios against `sync` measured in the same run. One JSON line last.
+"""
+
+from __future__ import annotations
+
+from orchestration.env import use_local_defaults
+
+use_local_defaults()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench.common import device_info, git_commit, print_result  # noqa: E402
+
+CONFIGS = {
+    "sync": ["trainer.max_staleness=0", "algorithm.adaptive_gen_rounds=false"],
+    "overlap": ["trainer.max_staleness=1", "algorithm.adaptive_gen_rounds=false"],
+    "default": ["trainer.max_staleness=1", "algorithm.adaptive_gen_rounds=true"],
+}
+
+
+def run_config(name: str, overrides: list[str], steps: int, seed: int, out: Path) -> dict:
+    """Train `steps` steps of the demo with `overrides`; per-step statistics from its metrics.jsonl."""
+    from orchestration.demo import compose_config
+    from orchestration.train import train
+
+    cfg = compose_config([
+        *overrides, f"seed={seed}", f"trainer.total_steps={steps}", "trainer.eval_every=0",
+        "trainer.eval_before_train=false", "trainer.save_every=0", "logger=disabled",
+        f"trainer.output_dir={out / name}",
+    ])  # fmt: skip
+    train(cfg)
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[2:-1] or rows
+    seconds = statistics.median(r["timing_s/step"] for r in steady)
+    generated = statistics.median(r["dynamic_filter/groups_seen"] * cfg.algorithm.group_size for r in steady)
+    return {
+        "seconds_per_step": seconds,
+        "trained_samples_per_s": rows[0]["rollout/samples"] / seconds,
+        "generated_samples_per_s": generated / seconds,
+        "rollout_hidden_frac": statistics.fmean(r.get("perf/rollout_hidden_frac", 0.0) for r in steady),
+        "rollout_busy_s": statistics.median(r["timing_s/rollout_busy"] for r in steady),
+        "update_s": statistics.median(r["timing_s/update"] for r in steady),
+        "gen_rounds": statistics.fmean(r["dynamic_filter/gen_rounds"] for r in steady),
+        "steps_measured": len(steady),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="training steps per configuration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default="sync,overlap,default", help=f"comma-separated among {list(CONFIGS)}")
+    args = p.parse_args()
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or args.steps < 4:
+        p.error(f"unknown configs {unknown}" if unknown else "--steps must be >= 4")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        for name in names:
+            results[name] = run_config(name, CONFIGS[name], args.steps, args.seed, Path(tmp))
+            r = results[name]
+            print(
+                f"{name:8s} {r['seconds_per_step']:.2f} s/step  {r['trained_samples_per_s']:.1f} trained samples/s  "
+                f"{r['generated_samples_per_s']:.1f} generated samples/s  hidden {r['rollout_hidden_frac']:.0%}",
+                flush=True,
+            )
+    base = results.get("sync")
+    if base is not None:
+        for r in results.values():
+            r["speedup_vs_sync"] = base["seconds_per_step"] / r["seconds_per_step"]
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print_result({"bench": "pipeline", "commit": git_commit(), **device_info(), "steps": args.steps,
+                  "seed": args.seed, "loadavg": load, "results": results})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
