@@ -61,16 +61,20 @@ MECHANISM = {
     "learner/last_mini_batch/influence_weights_mean": "mean weight f",
     "learner/last_mini_batch/influence_weights_max": "max weight f",
 }
-# Curves of compare.png: (key, title, is an evaluation metric).
+# Curves of compare.png, one panel each in rows of four: (key, title, is an evaluation metric).
 CURVES = (
     ("avg_at_k", "held-out avg@k", True),
+    ("cons_at_k", "held-out cons@k", True),
+    ("pass_at_k", "held-out pass@k", True),
     ("response_length_mean", "held-out response length (tokens)", True),
     ("reward/accuracy", "training batch accuracy", False),
     ("rollout/response_length_mean", "training response length (tokens)", False),
     ("learner/entropy", "entropy", False),
-    ("learner/last_mini_batch/influence_weights_mean", "FIPO weights, last mini-batch mean", False),
-    ("learner/last_mini_batch/influence_weights_active_frac", "FIPO: share of tokens with f off 1 by > 1%", False),
-    ("learner/last_mini_batch/influence_weights_clipfrac_upper", "FIPO: share of raw weights above the clip", False),
+    ("learner/pg_clipfrac", "PPO ratio clip fraction", False),
+    ("learner/last_mini_batch/influence_weights_mean", "FIPO: mean weight f", False),
+    ("learner/last_mini_batch/influence_weights_max", "FIPO: max weight f", False),
+    ("learner/last_mini_batch/influence_weights_active_frac", "FIPO: share with |f - 1| > 1%", False),
+    ("learner/last_mini_batch/influence_weights_clipfrac_upper", "FIPO: share above the weight clip", False),
 )
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then 40, 60, 120, ∞).
 _T975 = tuple(
@@ -261,7 +265,8 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path, smooth: int = 1) -
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         groups[run["group"]].append(run)
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8), constrained_layout=True)
+    rows = math.ceil(len(CURVES) / 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(20, 4 * rows), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title, is_eval) in zip(axes.flat, CURVES):
         for i, (label, members) in enumerate(sorted(groups.items())):
@@ -282,8 +287,7 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path, smooth: int = 1) -
             ax.fill_between(
                 xs, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], color=color, alpha=0.2
             )
-        smoothed = f" ({smooth}-step moving average)" if smooth > 1 and not is_eval else ""
-        ax.set(title=title + smoothed, xlabel="update (0 = before RL)" if is_eval else "update")
+        ax.set(title=title, xlabel="update (0 = before RL)" if is_eval else "update")
         ax.ticklabel_format(useOffset=False, axis="y")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -291,7 +295,8 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path, smooth: int = 1) -
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("mean over runs, 95% confidence band (Student's t)")
+    smoothed = f"; per-step curves: {smooth}-step trailing mean within each run" if smooth > 1 else ""
+    fig.suptitle(f"mean over runs, 95% confidence band (Student's t){smoothed}; FIPO panels: last mini-batch of each step")
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
