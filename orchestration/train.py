@@ -109,8 +109,11 @@ def train(cfg: TrainConf) -> dict[str, float]:
             timings["timing_s/step"] = time.perf_counter() - start
             metrics |= timing_metrics(timings, metrics) | run.faults.metrics()
             logger.log(step, metrics)
-        summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
-        (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        if metrics:  # a run resumed at its last step trained nothing: its summary stays as it was
+            summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
+            (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        else:
+            print(f"nothing to do: {t.output_dir} already holds all {t.total_steps} steps", flush=True)
         return metrics
     finally:
         if logger is not None:
