@@ -16,11 +16,17 @@ def test_stuck_stage_reports_actor_stack(tmp_path):
     try:
 
         class Sleeper:  # defined here so Ray pickles it by value (test modules are not importable in workers)
+            def ping(self) -> str:
+                return "up"
+
             def nap_in_project_code(self, seconds: float) -> str:
                 time.sleep(seconds)
                 return "woke"
 
         actor = ray.remote(num_cpus=0.5)(Sleeper).remote()
+        # The worker process is up before the deadline starts: on a loaded machine its start-up alone can take
+        # longer than the 3 s deadline, and the dump would then show an actor that is not yet in the nap.
+        assert ray.get(actor.ping.remote(), timeout=120) == "up"
         ref = actor.nap_in_project_code.remote(60)
         timings: dict[str, float] = {}
         start = time.monotonic()
