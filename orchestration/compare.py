@@ -296,7 +296,8 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path, smooth: int = 1) -
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     smoothed = f"; per-step curves: {smooth}-step trailing mean within each run" if smooth > 1 else ""
-    fig.suptitle(f"mean over runs, 95% confidence band (Student's t){smoothed}; FIPO panels: last mini-batch of each step")
+    fipo = "; FIPO panels: last mini-batch of each step"
+    fig.suptitle(f"mean over runs, 95% confidence band (Student's t){smoothed}{fipo}")
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
