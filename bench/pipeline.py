@@ -9,6 +9,8 @@ one after the other in this process:
     sync      trainer.max_staleness=0, algorithm.adaptive_gen_rounds=false   (the loop before the pipeline)
     overlap   trainer.max_staleness=1, algorithm.adaptive_gen_rounds=false   (overlap alone)
     default   trainer.max_staleness=1, algorithm.adaptive_gen_rounds=true    (the demo's default)
+    no_filter algorithm=dapo, algorithm.filter_groups=false, max_staleness 1  (the job TRL's GRPOTrainer runs:
+              no dynamic sampling; only with --configs)
 
 and prints, per configuration, the median seconds per step (over the steps after the first two, which hold
 start-up effects, and without the last, which saves a checkpoint), trained samples/s (samples in the update /
@@ -34,6 +36,8 @@ CONFIGS = {
     "sync": ["trainer.max_staleness=0", "algorithm.adaptive_gen_rounds=false"],
     "overlap": ["trainer.max_staleness=1", "algorithm.adaptive_gen_rounds=false"],
     "default": ["trainer.max_staleness=1", "algorithm.adaptive_gen_rounds=true"],
+    # TRL's GRPOTrainer job (no dynamic sampling: every generated group is trained on), overlapped
+    "no_filter": ["algorithm=dapo", "algorithm.filter_groups=false", "trainer.max_staleness=1"],
 }
 
 
