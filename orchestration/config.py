@@ -53,7 +53,8 @@ class AlgorithmConf:
     """Prompts (groups) per training step, after dynamic sampling."""
     gen_batch_prompts: int = 2048
     """Prompts per generation round (dynamic sampling generates rounds until train_batch_prompts are kept); with
-    adaptive_gen_rounds, the size of the run's first round and the largest any round may be."""
+    adaptive_gen_rounds, the size of the run's first round and the largest any round may be. Unused without
+    dynamic sampling (filter_groups false): a step then generates exactly train_batch_prompts prompts."""
     adaptive_gen_rounds: bool = False
     """Size each generation round from dynamic sampling's running keep-rate (missing groups / keep-rate ×
     gen_round_margin; orchestration.sampling.RoundSizer) instead of always gen_batch_prompts (DAPO's recipe,

@@ -212,10 +212,12 @@ def test_one_step_off_policy_pipeline_is_bounded_deterministic_and_resumes_exact
     The logged versions show the bound holds (batch of step k sampled by version max(k − 1, 0), the learner at
     version k); an independent second run, killed after its first checkpoint (which holds the batch already
     collected for the next step) and resumed, reproduces every metric of the first."""
-    ahead = [*STEPS, "trainer.max_staleness=1", "algorithm.adaptive_gen_rounds=true"]
+    # gen_batch_prompts above the batch: without dynamic sampling a step still generates exactly its 4 prompts
+    ahead = [*STEPS, "trainer.max_staleness=1", "algorithm.adaptive_gen_rounds=true", "algorithm.gen_batch_prompts=8"]
     first = tmp_path / "first"
     run_train(first, tiny_dir, *ahead)
     rows = metrics(first)
+    assert [row["dynamic_filter/groups_seen"] for row in rows] == [4, 4, 4]
     assert [row["rollout/policy_version"] for row in rows] == [0, 0, 1]
     assert [row["rollout/staleness"] for row in rows] == [0, 1, 1]
     assert [row["weight_sync/policy_version"] for row in rows] == [1, 2, 3]
