@@ -55,6 +55,7 @@ def sizes_from_config(cfg: TrainConf) -> DerivedSizes:
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_response_tokens=cfg.rollout.max_response_tokens,
         rollout_workers=cfg.rollout.num_workers,
+        filter_groups=a.filter_groups,
     )
 
 
@@ -413,7 +414,9 @@ def build_run(cfg: TrainConf) -> Run:
         else None,
         ckpt=CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_checkpoints),
         uses_reference=learner.config.uses_reference,
-        round_sizer=RoundSizer(a.gen_batch_prompts, a.gen_round_margin) if a.adaptive_gen_rounds else None,
+        round_sizer=RoundSizer(a.gen_batch_prompts, a.gen_round_margin)
+        if a.adaptive_gen_rounds and a.filter_groups
+        else None,
         faults=Faults([FaultSpec.parse(text) for text in cfg.trainer.fault_inject], cfg.trainer.max_restarts),
         owns_ray=owns_ray,
     )

@@ -58,7 +58,7 @@ class AlgorithmConf:
     adaptive_gen_rounds: bool = False
     """Size each generation round from dynamic sampling's running keep-rate (missing groups / keep-rate ×
     gen_round_margin; orchestration.sampling.RoundSizer) instead of always gen_batch_prompts (DAPO's recipe,
-    which generates up to 2× what it keeps when most groups carry signal)."""
+    which generates up to 2× what it keeps when most groups carry signal). Only with filter_groups."""
     gen_round_margin: float = 1.25
     """Adaptive rounds: safety factor over the expected need (>= 1; more = fewer extra rounds, more surplus)."""
     mini_batch_prompts: int = 64

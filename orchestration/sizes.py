@@ -58,12 +58,15 @@ def derive_sizes(
     max_prompt_tokens: int,
     max_response_tokens: int,
     rollout_workers: int,
+    filter_groups: bool = True,
 ) -> DerivedSizes:
     """Check the batch-size knobs against each other and derive the step schedule.
 
     Raises ConfigError naming the offending keys: sizes that are not positive or don't divide, a generation
     round smaller than the train batch, a micro-batch budget smaller than one sequence, and FIPO with a single
     mini-batch per step (θ = θ_old on every update, so FIPO would silently equal DAPO; FIPO_SPEC §4).
+    Without dynamic sampling (`filter_groups` false) every group is kept, so a generation round is exactly the
+    train batch, whatever gen_batch_prompts says.
     """
     positives = {
         "algorithm.group_size": group_size,
@@ -102,6 +105,7 @@ def derive_sizes(
             f"(data.max_prompt_tokens + rollout.max_response_tokens = {max_sequence_tokens})"
         )
     mini_batches = train_batch_prompts // mini_batch_prompts
+    gen_prompts = gen_batch_prompts if filter_groups else train_batch_prompts
     if policy_loss == "fipo" and mini_batches < 2:
         raise ConfigError(
             f"FIPO with one mini-batch per step (algorithm.train_batch_prompts={train_batch_prompts}, "
@@ -113,8 +117,8 @@ def derive_sizes(
         group_size=group_size,
         train_batch_prompts=train_batch_prompts,
         train_batch_samples=train_batch_prompts * group_size,
-        gen_batch_prompts=gen_batch_prompts,
-        gen_batch_samples=gen_batch_prompts * group_size,
+        gen_batch_prompts=gen_prompts,
+        gen_batch_samples=gen_prompts * group_size,
         mini_batch_prompts=mini_batch_prompts,
         mini_batch_samples=mini_batch_samples,
         mini_batches_per_step=mini_batches,

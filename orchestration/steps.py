@@ -129,16 +129,14 @@ def score(run: Run, rows: Sequence[PromptRow], samples: Sequence[Any]):
 def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
     """Generation rounds with dynamic sampling until the step's batch is full (or an error after max rounds).
     Each round draws algorithm.gen_batch_prompts prompts, or, with adaptive rounds, what the running keep-rate
-    says the missing groups need (orchestration.sampling.RoundSizer). Without dynamic sampling every group is
-    kept: one round of exactly the batch's prompts."""
+    says the missing groups need (orchestration.sampling.RoundSizer). Without dynamic sampling, one round of
+    exactly the batch's prompts (DerivedSizes.gen_batch_prompts)."""
     a = run.cfg.algorithm
     pool = GroupPool(run.sizes.train_batch_prompts, run.sample_filter)
     rounds = a.max_gen_rounds if run.sample_filter is not None else 1
     for gen_round in range(rounds):
         size = run.sizes.gen_batch_prompts
-        if run.sample_filter is None:
-            size = run.sizes.train_batch_prompts
-        elif run.round_sizer is not None:
+        if run.round_sizer is not None:
             size = run.round_sizer.size(run.sizes.train_batch_prompts - len(pool.kept))
         rows = [run.train_rows[i] for i in run.sampler.next_indices(size)]
         samples = run.rollout.generate(

@@ -174,6 +174,13 @@ def test_size_errors_name_the_keys(change, match):
         derive_sizes(**{**SIZES, **change})
 
 
+def test_without_dynamic_sampling_a_generation_round_is_the_train_batch():
+    sizes = derive_sizes(**{**SIZES, "filter_groups": False})
+    assert (sizes.gen_batch_prompts, sizes.gen_batch_samples) == (512, 8192)
+    assert "generation rounds of 512 prompts × 16" in sizes.describe()
+    assert derive_sizes(**SIZES).gen_batch_prompts == 2048
+
+
 def test_dapo_may_use_one_mini_batch():
     sizes = derive_sizes(**{**SIZES, "policy_loss": "dapo", "mini_batch_prompts": 512})
     assert sizes.mini_batches_per_step == 1
