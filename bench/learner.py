@@ -10,7 +10,9 @@ estimate from the losses' own cost (`fipo_loss_overhead_est`: FIPO's minus DAPO'
 one step's rows, over DAPO's step time), since step timings on a shared machine are noisy.
 
 The learner's scale features are flags (their values are in the result): `--packing on|off` (packed
-micro-batches vs right-padded rows), `--activation-checkpointing on|off`, `--logprob-chunk N` (tokens per
+micro-batches vs right-padded rows), `--share-prompts on|off` (a group's 8 samples share one copy of their
+prompt in a packed micro-batch; shared_prompt_frac = the share of the samples' tokens not computed),
+`--activation-checkpointing on|off`, `--logprob-chunk N` (tokens per
 chunk of the LM head; 0 = all [tokens × vocab] logits at once). Throughput: update_tokens_per_s (real prompt +
 response tokens of the step / median update seconds) and mfu_update = 6·N·tokens/s over the peak (N = all
 parameters, tied embeddings once; attention FLOPs and recomputation are not counted; peak: `--peak-tflops`,
@@ -155,6 +157,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--param-dtype", choices=PARAM_DTYPES, default="float32", help="learner compute dtype")
     parser.add_argument("--algorithms", default="fipo,dapo", help="comma-separated policy losses to run")
     parser.add_argument("--packing", type=on_off, default=True, help="on|off: packed micro-batches")
+    parser.add_argument("--share-prompts", type=on_off, default=False, help="on|off: a group's prompt once (packed)")
     parser.add_argument("--activation-checkpointing", type=on_off, default=False, help="on|off")
     parser.add_argument("--logprob-chunk", type=int, default=1024, help="LM-head chunk, tokens (0: all at once)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -193,6 +196,7 @@ def main() -> None:
                 optimizer=OptimizerConfig(lr=1e-5),
                 lr_schedule=LRScheduleConfig(warmup_steps=0),
                 packing=args.packing,
+                share_prompts=args.share_prompts,
                 activation_checkpointing=args.activation_checkpointing,
                 logprob_chunk_tokens=args.logprob_chunk,
             )
@@ -270,12 +274,20 @@ def main() -> None:
             "peak_memory_gib": round(peaks["peak"] / 2**30, 3),
             "log_probs_peak_gib": round(peaks["log_probs"] / 2**30, 3),
             "update_peak_gib": round(peaks["update"] / 2**30, 3),
-            "padded_fraction": round(1 - real / computed, 4),
+            "padded_fraction": 0.0 if args.packing else round(1 - real / computed, 4),
+            "shared_prompt_frac": round(1 - computed / real, 4) if args.packing else 0.0,
             "packing": "on" if args.packing else "off",
+            "share_prompts": "on" if args.share_prompts else "off",
             "activation_checkpointing": "on" if args.activation_checkpointing else "off",
             "logprob_chunk_tokens": args.logprob_chunk,
             "micro_batch_tokens": args.micro_batch_tokens,
-            "attention_kernel": packed_kernel(device.type, DTYPES[args.param_dtype]) if args.packing else "sdpa_padded",
+            "attention_kernel": (
+                "sdpa_shared_prompt"
+                if args.share_prompts
+                else packed_kernel(device.type, DTYPES[args.param_dtype])
+                if args.packing
+                else "sdpa_padded"
+            ),  # fmt: skip
             "main_algorithm": main_name,
             "algorithms": names,
             **comparison,

@@ -13,6 +13,9 @@ learner's models are built with `PACKED_ATTENTION`, registered here:
     query attention" differently; without a GQA flag the key/value heads are repeated);
   - otherwise (the CPU, float32, an older torch): one `scaled_dot_product_attention(is_causal=True)` per sample
     over its own slice, from the sample lengths the host already knows (no device sync);
+  - with shared prompts (`PackedSequences.shared`: segments [prompt | response 1 | response 2 | ...]), on any
+    device: causal SDPA over each prompt, then per response one SDPA of its queries over [prompt | its own
+    keys], every prompt key visible and its own keys causally (a bottom-right-aligned causal mask);
 * called without it (the right-padded layout), it is transformers' own SDPA attention, unchanged.
 
 Verified: the CPU path against the padded SDPA path and a float64 reference (tests/test_learner_packing.py).
@@ -36,14 +39,17 @@ PACKED_ATTENTION = "learner_packed_sdpa"
 class PackedSequences:
     """Where each sample lies in a packed row of N tokens (n samples).
 
-    seq_lens:    n host ints, tokens per sample (Σ = N), in row order.
+    seq_lens:    n host ints, tokens per segment (Σ = N), in row order: a segment is one sample, or ...
     cu_seq_lens: [n + 1] int32 on the compute device: 0, then the running sum of seq_lens.
     max_len:     max(seq_lens), a host int.
+    shared:      ... with shared prompts, per segment (prompt tokens, tokens of each response after it), host
+                 ints; () when every segment is one sample.
     """
 
     seq_lens: tuple[int, ...]
     cu_seq_lens: torch.Tensor
     max_len: int
+    shared: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 def _detect_varlen() -> tuple[Callable, dict, set[str]] | None:
@@ -111,6 +117,29 @@ def _per_sample_attention(query, key, value, packed: PackedSequences, scaling: f
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
+def _shared_prompt_attention(query, key, value, packed: PackedSequences, scaling: float | None, dropout: float):
+    """[1, Hq, N, D] queries, [1, Hkv, N, D] keys/values → [1, N, Hq, D] over segments [prompt | responses...]:
+    a prompt attends causally to itself, a response to its whole prompt and causally to itself."""
+    gqa = query.shape[1] != key.shape[1]
+
+    def attend(q, k, v, **mask):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **mask)
+
+    outs, start = [], 0
+    for p, response_lens in packed.shared:
+        prompt = slice(start, start + p)
+        outs.append(attend(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], is_causal=True))
+        start += p
+        for n in response_lens:
+            own = slice(start, start + n)
+            keys = torch.cat([key[:, :, prompt], key[:, :, own]], dim=2)
+            values = torch.cat([value[:, :, prompt], value[:, :, own]], dim=2)
+            visible = torch.ones(n, p + n, dtype=torch.bool, device=query.device).tril(diagonal=p)
+            outs.append(attend(query[:, :, own], keys, values, attn_mask=visible))
+            start += n
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -135,6 +164,8 @@ def packed_attention(
         raise NotImplementedError("packed attention does not implement sliding-window layers (set packing=False)")
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("packed attention takes one packed row (batch size 1) and no attention mask")
+    if packed_sequences.shared:
+        return _shared_prompt_attention(query, key, value, packed_sequences, scaling, dropout), None
     if packed_kernel(query.device.type, query.dtype) == "varlen_attn" and dropout == 0.0:
         return _varlen_attention(query, key, value, packed_sequences, scaling), None
     return _per_sample_attention(query, key, value, packed_sequences, scaling, dropout), None

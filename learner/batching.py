@@ -13,10 +13,20 @@ rank computes the plan of every rank and they all agree without talking:
   ranks that have fewer split their costliest one in two until they have as many (a rank has at least as
   many samples as any rank has micro-batches, so this always ends).
 
+Shared prompts (`prompt_keys` given, packed only): the samples of a group repeat one prompt, and a causal
+model computes the same outputs at those prompt positions for each of them, so a packed micro-batch holds
+each distinct prompt once, followed by the responses of its samples there (`micro_batch_inputs(...,
+share_prompts=True)`). The plan keeps a group together where it can: whole groups go to ranks (largest
+first, to the least-loaded rank with room for the whole group; a group that fits nowhere whole is spread row
+by row) and into micro-batches (the cost of a row is its response alone when its prompt is already in the
+micro-batch), and a micro-batch's rows stay in group order, so the samples of one prompt are consecutive.
+
 Two layouts of a micro-batch's model inputs (`micro_batch_inputs`):
 
 * packed (the default): the samples' real tokens [prompt | response] concatenated into one row, positions
   restarting at 0 per sample, block-diagonal causal attention (learner/attention.py): no padding at all;
+  with shared prompts, one segment per distinct prompt, [prompt | response 1 | response 2 | ...], each
+  response at positions P, P + 1, ... attending to the prompt and causally to itself only;
 * padded (the reference): one row per sample, [left-padded prompt | right-padded response], an attention mask.
 
 `compute_log_probs` and `update` both use the same plan and inputs, so a row is always computed in the same
@@ -57,62 +67,96 @@ class _Bin:
 
     def __init__(self) -> None:
         self.rows: list[int] = []
+        self.keys: set[int] = set()
         self.tokens = 0
         self.max_prompt = 0
         self.max_response = 0
 
-    def cost_with(self, prompt: int, response: int, packing: bool) -> int:
+    def cost_with(self, prompt: int, response: int, packing: bool, key: int | None = None) -> int:
         if packing:
-            return self.tokens + prompt + response
+            return self.tokens + (0 if key in self.keys else prompt) + response
         return (len(self.rows) + 1) * (max(self.max_prompt, prompt) + max(self.max_response, response))
 
-    def add(self, row: int, prompt: int, response: int) -> None:
+    def add(self, row: int, prompt: int, response: int, key: int | None = None) -> None:
+        self.tokens += (0 if key in self.keys else prompt) + response
         self.rows.append(row)
-        self.tokens += prompt + response
+        if key is not None:
+            self.keys.add(key)
         self.max_prompt = max(self.max_prompt, prompt)
         self.max_response = max(self.max_response, response)
 
 
-def _cost(rows: Sequence[int], prompt_len: Sequence[int], resp_len: Sequence[int], packing: bool) -> int:
-    """Positions a micro-batch of `rows` computes: Σ tokens packed, rows × (longest prompt + longest response,
-    each at least 1) padded."""
+def _cost(
+    rows: Sequence[int],
+    prompt_len: Sequence[int],
+    resp_len: Sequence[int],
+    packing: bool,
+    keys: Sequence[int] | None = None,
+) -> int:
+    """Positions a micro-batch of `rows` computes: Σ tokens packed (each distinct prompt once when `keys` are
+    given), rows × (longest prompt + longest response, each at least 1) padded."""
     if packing:
-        return sum(prompt_len[i] + resp_len[i] for i in rows)
+        prompts = {keys[i] if keys is not None else ("row", i): prompt_len[i] for i in rows}
+        return sum(prompts.values()) + sum(resp_len[i] for i in rows)
     return len(rows) * (max(1, *(prompt_len[i] for i in rows)) + max(1, *(resp_len[i] for i in rows)))
 
 
-def _assign_ranks(rows: Sequence[int], length: list[int], world_size: int) -> list[list[int]]:
-    """`rows` split into `world_size` equal-size parts with balanced token sums (longest first, each row to the
-    least-loaded part with room; ties to the lower rank)."""
+def _units(rows: Sequence[int], prompt_len, resp_len, keys: Sequence[int] | None) -> list[list[int]]:
+    """`rows` as the units the plan keeps together, costliest first (ties: the earlier row first): one row each
+    without `keys`; with them, the rows of each prompt (cost: the prompt once plus the responses)."""
+    if keys is None:
+        return [[row] for row in sorted(rows, key=lambda i: (-(prompt_len[i] + resp_len[i]), i))]
+    groups: dict[int, list[int]] = {}
+    for row in rows:
+        groups.setdefault(keys[row], []).append(row)
+    units = [sorted(g, key=lambda i: (-resp_len[i], i)) for g in groups.values()]
+    return sorted(units, key=lambda u: (-_cost(u, prompt_len, resp_len, True, keys), min(u)))
+
+
+def _assign_ranks(
+    rows: Sequence[int], prompt_len, resp_len, world_size: int, keys: Sequence[int] | None
+) -> list[list[int]]:
+    """`rows` split into `world_size` equal-size parts with balanced costs: each unit (`_units`, costliest
+    first) to the least-loaded part with room for all of it (ties to the lower rank); a unit that fits in no
+    part whole goes row by row (longest first) to the least-loaded part with room."""
     share = len(rows) // world_size
     parts: list[list[int]] = [[] for _ in range(world_size)]
     loads = [0] * world_size
-    for row in sorted(rows, key=lambda i: (-length[i], i)):
-        rank = min((r for r in range(world_size) if len(parts[r]) < share), key=lambda r: (loads[r], r))
-        parts[rank].append(row)
-        loads[rank] += length[row]
+    for unit in _units(rows, prompt_len, resp_len, keys):
+        room = [r for r in range(world_size) if len(parts[r]) + len(unit) <= share]
+        if room:
+            rank = min(room, key=lambda r: (loads[r], r))
+            parts[rank] += unit
+            loads[rank] += _cost(unit, prompt_len, resp_len, True, keys)
+            continue
+        for row in unit:
+            rank = min((r for r in range(world_size) if len(parts[r]) < share), key=lambda r: (loads[r], r))
+            parts[rank].append(row)
+            loads[rank] += prompt_len[row] + resp_len[row]
     return parts
 
 
-def _fill(rows: list[int], prompt_len: list[int], resp_len: list[int], budget: int, packing: bool) -> list[list[int]]:
-    """First-fit decreasing: `rows` (longest first) into micro-batches of cost ≤ `budget`."""
+def _fill(rows: list[int], prompt_len, resp_len, budget: int, packing: bool, keys) -> list[list[int]]:
+    """First-fit decreasing: `rows`, unit by unit (`_units`), into micro-batches of cost ≤ `budget`; a row
+    whose prompt the micro-batch already holds costs its response alone."""
     bins: list[_Bin] = []
-    for row in sorted(rows, key=lambda i: (-(prompt_len[i] + resp_len[i]), i)):
-        p, t = prompt_len[row], resp_len[row]
-        target = next((b for b in bins if b.cost_with(p, t, packing) <= budget), None)
-        if target is None:
-            target = _Bin()
-            bins.append(target)
-        target.add(row, p, t)
+    for unit in _units(rows, prompt_len, resp_len, keys):
+        for row in unit:
+            p, t, key = prompt_len[row], resp_len[row], None if keys is None else keys[row]
+            target = next((b for b in bins if b.cost_with(p, t, packing, key) <= budget), None)
+            if target is None:
+                target = _Bin()
+                bins.append(target)
+            target.add(row, p, t, key)
     return [b.rows for b in bins]
 
 
-def _split_to(parts: list[list[int]], count: int, prompt_len, resp_len, packing: bool) -> list[list[int]]:
+def _split_to(parts: list[list[int]], count: int, prompt_len, resp_len, packing: bool, keys) -> list[list[int]]:
     """Split the costliest multi-row micro-batch in two (alternate rows) until there are `count`."""
     parts = [list(p) for p in parts]
     while len(parts) < count:
         splittable = [i for i, p in enumerate(parts) if len(p) > 1]
-        i = max(splittable, key=lambda j: (_cost(parts[j], prompt_len, resp_len, packing), -j))
+        i = max(splittable, key=lambda j: (_cost(parts[j], prompt_len, resp_len, packing, keys), -j))
         parts[i : i + 1] = [parts[i][0::2], parts[i][1::2]]
     return parts
 
@@ -126,6 +170,8 @@ class StepPlan:
     mini_batch_rows[m]: the rows of mini-batch m (a consecutive block of the batch).
     prompt_len, response_len: per row of the batch, real prompt tokens and response length (host ints).
     packing: whether micro-batches are packed (their cost is Σ tokens) or padded (rows × longest).
+    prompt_keys: per row, an id of its prompt (equal ids: identical prompts) when packed micro-batches share
+        prompts; None otherwise.
     """
 
     micro_batches: tuple[tuple[tuple[tuple[int, ...], ...], ...], ...]
@@ -133,6 +179,7 @@ class StepPlan:
     prompt_len: tuple[int, ...]
     response_len: tuple[int, ...]
     packing: bool
+    prompt_keys: tuple[int, ...] | None = None
 
     @property
     def num_mini_batches(self) -> int:
@@ -147,11 +194,13 @@ class StepPlan:
         return [row for per_rank in self.micro_batches for micro in per_rank[rank] for row in micro]
 
     def tokens(self, mini_batch: int) -> tuple[int, int]:
-        """(real tokens, positions the model computes) of mini-batch `mini_batch` over all ranks."""
+        """(real tokens, positions the model computes) of mini-batch `mini_batch` over all ranks. Real tokens
+        count each sample's prompt + response; padding makes the second larger, shared prompts smaller."""
         rows = self.mini_batch_rows[mini_batch]
         real = sum(self.prompt_len[i] + self.response_len[i] for i in rows)
         micro = [x for per_rank in self.micro_batches[mini_batch] for x in per_rank]
-        return real, sum(_cost(x, self.prompt_len, self.response_len, self.packing) for x in micro)
+        keys = self.prompt_keys
+        return real, sum(_cost(x, self.prompt_len, self.response_len, self.packing, keys) for x in micro)
 
 
 def plan_step(
@@ -162,6 +211,7 @@ def plan_step(
     micro_batch_tokens: int,
     world_size: int,
     packing: bool = True,
+    prompt_keys: Sequence[int] | None = None,
 ) -> StepPlan:
     """Every rank's micro-batches of every mini-batch (see the module docstring).
 
@@ -169,7 +219,11 @@ def plan_step(
         prompt_mask: [B, P] bool, True on real prompt tokens (left padding False).
         response_mask: [B, T] bool, True on response tokens (right padding False).
         packing: cost micro-batches as packed rows (Σ tokens) instead of padded ones (rows × longest).
+        prompt_keys: per row, an id of its prompt (`prompt_keys_of`): packed micro-batches share each prompt
+            among its samples (cost: the prompt once), and the plan keeps its samples together. Packed only.
     """
+    if prompt_keys is not None and not packing:
+        raise ValueError("shared prompts (prompt_keys) need packed micro-batches (packing=True)")
     num_samples = prompt_mask.shape[0]
     if num_samples % mini_batch_samples:
         raise ValueError(
@@ -182,16 +236,16 @@ def plan_step(
         )
     prompt_len = prompt_mask.bool().sum(-1).tolist()
     resp_len = response_lengths(response_mask).tolist()
-    length = [p + t for p, t in zip(prompt_len, resp_len)]
+    keys = None if prompt_keys is None else tuple(int(k) for k in prompt_keys)
     plan, blocks = [], []
     for mb_start in range(0, num_samples, mini_batch_samples):
         block = range(mb_start, mb_start + mini_batch_samples)
         per_rank = [
-            _fill(rows, prompt_len, resp_len, micro_batch_tokens, packing)
-            for rows in _assign_ranks(block, length, world_size)
+            _fill(rows, prompt_len, resp_len, micro_batch_tokens, packing, keys)
+            for rows in _assign_ranks(block, prompt_len, resp_len, world_size, keys)
         ]
         count = max(len(parts) for parts in per_rank)
-        per_rank = [_split_to(parts, count, prompt_len, resp_len, packing) for parts in per_rank]
+        per_rank = [_split_to(parts, count, prompt_len, resp_len, packing, keys) for parts in per_rank]
         plan.append(tuple(tuple(tuple(micro) for micro in parts) for parts in per_rank))
         blocks.append(block)
     return StepPlan(
@@ -200,7 +254,16 @@ def plan_step(
         prompt_len=tuple(prompt_len),
         response_len=tuple(resp_len),
         packing=packing,
+        prompt_keys=keys,
     )
+
+
+def prompt_keys_of(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[int]:
+    """[B] ids of the rows' prompts: equal for rows whose real prompt tokens are identical (ids numbered in
+    order of first appearance). prompt_ids, prompt_mask: [B, P] (left-padded)."""
+    real = torch.where(prompt_mask.bool(), prompt_ids, -1)
+    seen: dict[tuple[int, ...], int] = {}
+    return [seen.setdefault(tuple(row), len(seen)) for row in real.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,16 +278,19 @@ class MicroBatchInputs:
                     padded [b, p + t] int64, [left-padded prompt | right-padded response].
     position_ids:   same shape, int64: 0-based positions within each sample.
     attention_mask: padded only: [b, p + t] int64, 1 on real tokens; None when packed.
-    cu_seq_lens:    packed only: [b + 1] int32, sample boundaries in the row (0, then running sums).
+    cu_seq_lens:    packed only: [s + 1] int32, segment boundaries in the row (0, then running sums); a
+                    segment is one sample, or with shared prompts one prompt and the responses after it.
     target_index:   [M] int64, flat positions (into input_ids.view(-1)) whose outputs predict the M response
                     tokens (one per real response position of every sample, in row-major order).
     target_ids:     [M] int64, those response tokens.
     response_index: [M] int64, flat positions of those tokens in the micro-batch's [b, t] response layout.
     rows:           the samples' rows of the step's batch, in layout order.
-    seq_lens:       packed only: tokens per sample (host ints); () when padded.
+    seq_lens:       packed only: tokens per segment (host ints); () when padded.
+    shared:         with shared prompts: per segment, (prompt tokens, tokens of each response after it)
+                    (host ints); () otherwise.
     response_len:   t, the width of the [b, t] response layout (the micro-batch's longest response, ≥ 1).
-    num_tokens:     real (prompt + response) tokens; computed_tokens: positions the model computes (= num_tokens
-                    when packed, b × (p + t) when padded).
+    num_tokens:     real tokens, each sample's prompt + response; computed_tokens: positions the model computes
+                    (= num_tokens when packed, fewer with shared prompts, b × (p + t) when padded).
     """
 
     input_ids: torch.Tensor
@@ -239,6 +305,7 @@ class MicroBatchInputs:
     response_len: int
     num_tokens: int
     computed_tokens: int
+    shared: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @property
     def packed(self) -> bool:
@@ -260,11 +327,18 @@ class MicroBatchLossInputs:
     num_loss_tokens: int
 
 
-def micro_batch_inputs(batch: RolloutBatch, rows: Sequence[int], *, packing: bool = True) -> MicroBatchInputs:
+def micro_batch_inputs(
+    batch: RolloutBatch, rows: Sequence[int], *, packing: bool = True, share_prompts: bool = False
+) -> MicroBatchInputs:
     """The model inputs of the samples `rows` of `batch` (host tensors; see MicroBatchInputs).
 
     Packing needs every sample to have at least one prompt token (the first response token is predicted from
-    the sample's own last prompt token, never from the previous sample)."""
+    the sample's own last prompt token, never from the previous sample). `share_prompts` (packed only):
+    consecutive rows with identical prompts share one copy of it (`_shared_prompt_inputs`)."""
+    if share_prompts:
+        if not packing:
+            raise ValueError("share_prompts needs packing=True")
+        return _shared_prompt_inputs(batch, rows)
     index = torch.as_tensor(list(rows), dtype=torch.int64)
     prompt_mask = batch.prompt_mask[index].bool()
     prompt_lens = prompt_mask.sum(-1)
@@ -308,6 +382,59 @@ def micro_batch_inputs(batch: RolloutBatch, rows: Sequence[int], *, packing: boo
         seq_lens=(),
         computed_tokens=real.numel(),
         **common,
+    )
+
+
+def _shared_prompt_inputs(batch: RolloutBatch, rows: Sequence[int]) -> MicroBatchInputs:
+    """Packed inputs with one segment per run of consecutive rows that have identical prompts:
+    [prompt (P tokens, positions 0..P-1) | response 1 (positions P..) | response 2 (positions P..) | ...]. The
+    first token of every response is predicted by the prompt's last position, the others by the position
+    before them in the same response (learner/attention.py lets a response see its prompt and itself only)."""
+    rows = [int(r) for r in rows]
+    resp_len = response_lengths(batch.response_mask[rows]).tolist()
+    t = max(1, *resp_len)
+    prompts = [batch.prompt_ids[r][batch.prompt_mask[r].bool()] for r in rows]
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("packing needs at least one prompt token per sample (set packing=False otherwise)")
+    ids, positions, target_index, target_ids, response_index = [], [], [], [], []
+    seq_lens, shared = [], []
+    offset, i = 0, 0
+    while i < len(rows):
+        prompt, j = prompts[i], i + 1
+        while j < len(rows) and torch.equal(prompts[j], prompt):
+            j += 1
+        p, last_prompt = len(prompt), offset + len(prompt) - 1
+        ids.append(prompt)
+        positions.append(torch.arange(p))
+        offset += p
+        for sample in range(i, j):
+            n = resp_len[sample]
+            response = batch.response_ids[rows[sample], :n]
+            ids.append(response)
+            positions.append(torch.arange(p, p + n))
+            # column 0 is predicted by the prompt's last position, column c > 0 by column c − 1
+            target_index.append(torch.cat([torch.tensor([last_prompt]), offset + torch.arange(max(n - 1, 0))])[:n])
+            target_ids.append(response)
+            response_index.append(sample * t + torch.arange(n))
+            offset += n
+        seq_lens.append(p + sum(resp_len[i:j]))
+        shared.append((p, tuple(resp_len[i:j])))
+        i = j
+    cu = torch.tensor([0, *seq_lens], dtype=torch.int64).cumsum(0).to(torch.int32)
+    return MicroBatchInputs(
+        input_ids=torch.cat(ids).unsqueeze(0),
+        position_ids=torch.cat(positions).unsqueeze(0),
+        attention_mask=None,
+        cu_seq_lens=cu,
+        target_index=torch.cat(target_index),
+        target_ids=torch.cat(target_ids),
+        response_index=torch.cat(response_index),
+        rows=tuple(rows),
+        seq_lens=tuple(seq_lens),
+        response_len=t,
+        num_tokens=sum(len(prompt) for prompt in prompts) + sum(resp_len),
+        computed_tokens=offset,
+        shared=tuple(shared),
     )
 
 

@@ -145,7 +145,9 @@ def response_log_probs(
     if inputs.packed:  # a ready "mask" (None) per layer type: transformers builds none; the attention knows the samples
         attention = {
             "attention_mask": dict.fromkeys(set(getattr(model.config, "layer_types", None) or ["full_attention"])),
-            "packed_sequences": PackedSequences(inputs.seq_lens, inputs.cu_seq_lens, max(inputs.seq_lens)),
+            "packed_sequences": PackedSequences(
+                inputs.seq_lens, inputs.cu_seq_lens, max(inputs.seq_lens), shared=inputs.shared
+            ),
         }
     else:
         attention = {"attention_mask": inputs.attention_mask}

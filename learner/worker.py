@@ -46,6 +46,7 @@ from learner.batching import (
     micro_batch_inputs,
     micro_batch_loss_inputs,
     plan_step,
+    prompt_keys_of,
     to_device,
 )
 from learner.config import LearnerConfig
@@ -101,6 +102,7 @@ class LearnerWorker:
     # forward
 
     def _plan(self, batch: RolloutBatch) -> StepPlan:
+        share = self.config.share_prompts
         return plan_step(
             batch.prompt_mask,
             batch.response_mask,
@@ -108,11 +110,13 @@ class LearnerWorker:
             micro_batch_tokens=self.config.micro_batch_tokens,
             world_size=self.world_size,
             packing=self.config.packing,
+            prompt_keys=prompt_keys_of(batch.prompt_ids, batch.prompt_mask) if share else None,
         )
 
     def _inputs(self, batch: RolloutBatch, micro_batches) -> list:
         """Host inputs of this rank's `micro_batches` (tuples of rows)."""
-        return [micro_batch_inputs(batch, rows, packing=self.config.packing) for rows in micro_batches]
+        layout = dict(packing=self.config.packing, share_prompts=self.config.share_prompts)
+        return [micro_batch_inputs(batch, rows, **layout) for rows in micro_batches]
 
     def compute_log_probs(self, batch: RolloutBatch, *, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs of the response tokens under the current (or reference) weights, no grad.
@@ -153,7 +157,9 @@ class LearnerWorker:
         Metrics (identical on every rank): learner/loss, learner/grad_norm, learner/lr, learner/entropy,
         every metric the policy loss returns (clip fractions, FIPO's influence-weight statistics, ...) under
         learner/, learner/num_micro_batches (per rank), learner/response_tokens, perf/learner_tokens_per_s and
-        perf/learner_padded_fraction (global: padding positions computed / all positions computed). A
+        perf/learner_padded_fraction (global: padding positions computed / all positions computed),
+        perf/learner_shared_prompt_frac (global: the share of the samples' tokens not computed because a
+        shared prompt was computed once for its samples; 0 without learner.share_prompts). A
         non-finite gradient norm, or a mini-batch without loss tokens, skips the optimizer step
         (learner/skipped_step = 1).
         """
@@ -206,7 +212,8 @@ class LearnerWorker:
             "learner/skipped_step": float(not stepped),
             "learner/num_micro_batches": float(len(inputs)),
             "learner/response_tokens": float(work.num_loss_tokens),
-            "perf/learner_padded_fraction": 1.0 - real / max(computed, 1),
+            "perf/learner_padded_fraction": 0.0 if plan.packing else 1.0 - real / max(computed, 1),
+            "perf/learner_shared_prompt_frac": 1.0 - computed / max(real, 1) if plan.packing else 0.0,
             "perf/learner_tokens_per_s": real / (time.perf_counter() - start),
         })  # fmt: skip
         return metrics

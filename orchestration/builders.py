@@ -92,6 +92,7 @@ def learner_config(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Learn
         seed=cfg.seed,
         collective_timeout_s=min(ln.timeout_s, 600.0),
         packing=ln.packing,
+        share_prompts=ln.share_prompts,
         activation_checkpointing=ln.activation_checkpointing,
         logprob_chunk_tokens=ln.logprob_chunk_tokens,
     )

@@ -316,6 +316,10 @@ class LearnerConf:
     """Deadline of one learner call (log-probs, update, checkpoint), seconds."""
     packing: bool = True
     """Pack each micro-batch's samples into one row, no padding (block-diagonal causal attention)."""
+    share_prompts: bool = True
+    """Packed only: a group's samples in one micro-batch share one copy of their prompt (computed once, same
+    log-probs and gradients); the GPU cluster config turns it off (long responses: little to save, and the
+    CUDA varlen kernel cannot take a shared prompt)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward (far less memory, ~1/3 more compute)."""
     logprob_chunk_tokens: int = 1024
@@ -335,6 +339,11 @@ class LearnerConf:
         _one_of(self.lr_schedule, ("constant", "cosine"), "learner.lr_schedule")
         _check(0 <= self.min_lr_ratio <= 1, "learner.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _one_of(self.param_dtype, ("float32", "bfloat16"), "learner.param_dtype")
+        _check(
+            self.packing or not self.share_prompts,
+            "learner.share_prompts",
+            "needs learner.packing=true (shared prompts live in packed rows); set learner.share_prompts=false",
+        )
 
 
 @dataclass

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from advantage import POLICY_LOSSES
-from learner.batching import micro_batch_inputs, plan_step, response_lengths
+from learner.batching import micro_batch_inputs, plan_step, prompt_keys_of, response_lengths
 from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
 from learner.distributed import free_port, init_distributed
 from learner.synthetic import random_batch
@@ -112,6 +112,33 @@ def test_plan_balances_tokens_over_ranks():
         prompt_mask, response_mask, mini_batch_samples=4, micro_batch_tokens=100, world_size=2, packing=False
     )
     assert padded.tokens(0) == (20, 2 * (1 + 9) + 2 * (1 + 7))  # rows × (longest prompt + longest response)
+
+
+def test_plan_keeps_groups_together_when_prompts_are_shared():
+    """Hand-worked: two groups of 4 samples (prompts of 10 and 2 tokens, responses 1-4 tokens) over two ranks.
+    Without sharing the ranks get rows longest first, each group split over both ranks; with shared prompts
+    each rank gets one whole group, in one micro-batch that holds its prompt once."""
+    prompt_ids = torch.zeros(8, 10, dtype=torch.int64)
+    prompt_ids[:4] = torch.arange(1, 11)
+    prompt_ids[4:, -2:] = torch.tensor([7, 8])
+    prompt_mask = prompt_ids != 0
+    response_mask = torch.arange(4).unsqueeze(0) < torch.tensor([4, 3, 2, 1, 4, 3, 2, 1]).unsqueeze(1)
+    keys = prompt_keys_of(prompt_ids, prompt_mask)
+    assert keys == [0, 0, 0, 0, 1, 1, 1, 1]
+    split = plan_step(prompt_mask, response_mask, mini_batch_samples=8, micro_batch_tokens=100, world_size=2)
+    assert {frozenset(keys[i] for i in split.rank_rows(r)) for r in range(2)} == {frozenset({0, 1})}
+    plan = plan_step(
+        prompt_mask, response_mask, mini_batch_samples=8, micro_batch_tokens=100, world_size=2, prompt_keys=keys
+    )
+    assert plan.micro_batches[0] == (((0, 1, 2, 3),), ((4, 5, 6, 7),))  # the costlier group to rank 0
+    assert plan.tokens(0) == (4 * 10 + 4 * 2 + 2 * 10, 10 + 2 + 2 * 10)  # (each sample's tokens, each prompt once)
+    tight = plan_step(  # a budget of 13: the 10-token prompt with its 4-token response does not fit beside others
+        prompt_mask, response_mask, mini_batch_samples=8, micro_batch_tokens=13, world_size=2, prompt_keys=keys
+    )
+    assert tight.micro_batches[0][0] == ((0,), (1,), (2, 3))
+    with pytest.raises(ValueError, match="packed"):
+        plan_step(prompt_mask, response_mask, mini_batch_samples=8, micro_batch_tokens=9, world_size=1,
+                  packing=False, prompt_keys=keys)  # fmt: skip
 
 
 def test_micro_batch_inputs_trim_padding_and_count_positions():

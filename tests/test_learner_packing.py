@@ -128,6 +128,66 @@ def test_packed_inputs_concatenate_samples_without_padding():
     assert torch.equal(inputs.target_ids, torch.cat(responses))
 
 
+def test_shared_prompt_inputs_hold_each_prompt_once():
+    """Rows 0-3 share one prompt, rows 4-7 another; a micro-batch of rows [1, 0, 4, 2]: consecutive equal
+    prompts share a segment, a prompt met again after another one starts a new segment."""
+    batch = random_batch(8, vocab_size=VOCAB_SIZE, prompt_len=(2, 6), response_len=(0, 9), group_size=4, seed=3)
+    batch = batch.replace(response_mask=batch.response_mask.clone())
+    batch.response_mask[2] = False  # an empty response: nothing to predict, still a sample of the layout
+    rows = [1, 0, 4, 2]
+    inputs = micro_batch_inputs(batch, rows, share_prompts=True)
+    prompt = {r: batch.prompt_ids[r][batch.prompt_mask[r]] for r in rows}
+    assert not torch.equal(prompt[0], prompt[4])
+    response = {r: batch.response_ids[r, : int(batch.response_mask[r].sum())] for r in rows}
+    segments = [(prompt[1], [1, 0]), (prompt[4], [4]), (prompt[2], [2])]
+    want_ids = torch.cat([torch.cat([p, *(response[r] for r in rs)]) for p, rs in segments])
+    want_pos = torch.cat([
+        torch.cat([torch.arange(len(p)), *(torch.arange(len(p), len(p) + len(response[r])) for r in rs)])
+        for p, rs in segments
+    ])  # fmt: skip
+    assert torch.equal(inputs.input_ids[0], want_ids) and torch.equal(inputs.position_ids[0], want_pos)
+    assert inputs.shared == tuple((len(p), tuple(len(response[r]) for r in rs)) for p, rs in segments)
+    assert inputs.seq_lens == tuple(len(p) + sum(len(response[r]) for r in rs) for p, rs in segments)
+    sample_tokens = sum(len(prompt[r]) + len(response[r]) for r in rows)
+    assert inputs.computed_tokens == len(want_ids) < inputs.num_tokens == sample_tokens
+    # each target is predicted by its own prompt's last token (first column) or the previous response token
+    t, start, k = inputs.response_len, 0, 0
+    for p, rs in segments:
+        last_prompt, start = start + len(p) - 1, start + len(p)
+        for r in rs:
+            n = len(response[r])
+            want_index = [last_prompt] + list(range(start, start + n - 1))
+            assert inputs.target_index[k : k + n].tolist() == want_index[:n]
+            assert torch.equal(inputs.target_ids[k : k + n], response[r])
+            assert inputs.response_index[k : k + n].tolist() == [rows.index(r) * t + c for c in range(n)]
+            k, start = k + n, start + n
+    assert k == len(inputs.target_ids)
+
+
+def test_shared_prompt_attention_sees_the_prompt_and_its_own_response():
+    """Against a float64 reference written out: segments [prompt 3 | responses 2, 4] and [prompt 1 | response 3];
+    a prompt position sees earlier prompt positions, a response position its prompt and its own earlier ones."""
+    gen = torch.Generator().manual_seed(0)
+    shared, heads, kv_heads, dim = ((3, (2, 4)), (1, (3,))), 4, 2, 8
+    part = []  # (segment, response index or −1 for the prompt) of every position
+    for s, (p, lens) in enumerate(shared):
+        part += [(s, -1)] * p + [(s, j) for j, n in enumerate(lens) for _ in range(n)]
+    n = len(part)
+    q, k, v = (torch.randn(1, h, n, dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    seq_lens = tuple(p + sum(lens) for p, lens in shared)
+    packed = PackedSequences(seq_lens, torch.tensor([0, 9, 13], dtype=torch.int32), max(seq_lens), shared=shared)
+    out, _ = packed_attention(torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, packed_sequences=packed)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i, (si, ri) in enumerate(part):
+        for j, (sj, rj) in enumerate(part[: i + 1]):
+            allowed[i, j] = si == sj and (rj == -1 or rj == ri)
+    kk, vv = (x.double().repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2)) * dim**-0.5
+    want = torch.softmax(scores.masked_fill(~allowed, -torch.inf), -1) @ vv
+    assert out.shape == (1, n, heads, dim)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), rtol=0, atol=1e-6)
+
+
 def test_packed_attention_is_block_diagonal_causal_attention():
     """Against a float64 reference written out: softmax over each sample's own earlier keys only."""
     gen = torch.Generator().manual_seed(0)
@@ -162,8 +222,10 @@ def reference_step(model_dir):
         dict(packing=False, logprob_chunk_tokens=7, activation_checkpointing=False),
         dict(packing=False, logprob_chunk_tokens=0, activation_checkpointing=True),
         dict(packing=True, logprob_chunk_tokens=7, activation_checkpointing=True),
+        dict(packing=True, share_prompts=True, logprob_chunk_tokens=0, activation_checkpointing=False),
+        dict(packing=True, share_prompts=True, logprob_chunk_tokens=7, activation_checkpointing=True),
     ],
-    ids=["packed", "chunked", "checkpointed", "all"],
+    ids=["packed", "chunked", "checkpointed", "all", "shared", "shared_all"],
 )
 def test_each_feature_gives_the_reference_update(model_dir, reference_step, features):
     """Against the padded, unchunked, uncheckpointed path on the same batch (packing also changes which samples
@@ -180,6 +242,8 @@ def test_each_feature_gives_the_reference_update(model_dir, reference_step, feat
     assert ref_metrics[1]["learner/influence_weights_max"] > 1.0  # FIPO active on the second mini-batch
     if features["packing"]:
         assert metrics[0]["perf/learner_padded_fraction"] == 0.0 < ref_metrics[0]["perf/learner_padded_fraction"]
+    # groups of 4 samples share a prompt: with sharing, a micro-batch computes each of its prompts once
+    assert (metrics[0]["perf/learner_shared_prompt_frac"] > 0.1) == features.get("share_prompts", False)
 
 
 def test_packed_chunked_log_probs_match_a_float64_forward(model_dir):
