@@ -13,9 +13,10 @@ learner's models are built with `PACKED_ATTENTION`, registered here:
     query attention" differently; without a GQA flag the key/value heads are repeated);
   - otherwise (the CPU, float32, an older torch): one `scaled_dot_product_attention(is_causal=True)` per sample
     over its own slice, from the sample lengths the host already knows (no device sync);
-  - with shared prompts (`PackedSequences.shared`: segments [prompt | response 1 | response 2 | ...]), on any
-    device: causal SDPA over each prompt, then per response one SDPA of its queries over [prompt | its own
-    keys], every prompt key visible and its own keys causally (a bottom-right-aligned causal mask);
+  - with shared prompts (segments [prompt | response 1 | response 2 | ...], `PackedSequences.rows`), on any
+    device: one SDPA call over "attention rows" gathered from the packed row — a prompt's queries over its own
+    keys (causal), a response's queries over [its prompt's keys | its own keys] (all of the prompt, its own
+    causally) — padded to the longest row and masked (`shared_prompt_rows`), the outputs gathered back;
 * called without it (the right-padded layout), it is transformers' own SDPA attention, unchanged.
 
 Verified: the CPU path against the padded SDPA path and a float64 reference (tests/test_learner_packing.py).
@@ -26,7 +27,7 @@ bench/gpu_suite.py); it is not exercised on the development machine.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,17 +40,64 @@ PACKED_ATTENTION = "learner_packed_sdpa"
 class PackedSequences:
     """Where each sample lies in a packed row of N tokens (n samples).
 
-    seq_lens:    n host ints, tokens per segment (Σ = N), in row order: a segment is one sample, or ...
+    seq_lens:    n host ints, tokens per segment (Σ = N), in row order: a segment is one sample, or one
+                 prompt and the responses after it (shared prompts).
     cu_seq_lens: [n + 1] int32 on the compute device: 0, then the running sum of seq_lens.
     max_len:     max(seq_lens), a host int.
-    shared:      ... with shared prompts, per segment (prompt tokens, tokens of each response after it), host
-                 ints; () when every segment is one sample.
+    rows:        shared prompts only: who attends to whom (`shared_prompt_rows`); None: every segment is one
+                 causal sample.
     """
 
     seq_lens: tuple[int, ...]
     cu_seq_lens: torch.Tensor
     max_len: int
-    shared: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    rows: AttentionRows | None = None
+
+
+@dataclass(frozen=True)
+class AttentionRows:
+    """A packed row of N positions as R attention rows (a prompt, or a response with its prompt before it).
+
+    query_index:  [R, Tq] int64, the packed positions of each row's queries (N past its end: padding).
+    key_index:    [R, Tk] int64, the packed positions of each row's keys (N past its end: padding).
+    visible:      [R, 1, Tq, Tk] bool, which key each query sees (a padded query sees key 0 only, so that no
+                  softmax is empty; its output is never read).
+    output_index: [N] int64, for each packed position, r · Tq + t of the row r and slot t holding its query.
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    visible: torch.Tensor
+    output_index: torch.Tensor
+
+
+def shared_prompt_rows(shared: Sequence[tuple[int, Sequence[int]]]) -> AttentionRows:
+    """The attention rows (host tensors) of a packed row of segments [prompt | response 1 | response 2 | ...]
+    described by `shared`: per segment (prompt tokens P, tokens of each response). A prompt row: its P queries
+    over its P keys, causal. A response row of n tokens: its n queries over [the P prompt keys | its n keys],
+    query t seeing every prompt key and its own keys 0..t. Empty responses make no row."""
+    rows = []  # (query positions, key positions, visible [q, k])
+    start = 0
+    for p, response_lens in shared:
+        prompt = torch.arange(start, start + p)
+        rows.append((prompt, prompt, torch.ones(p, p, dtype=torch.bool).tril()))
+        start += p
+        for n in response_lens:
+            own = torch.arange(start, start + n)
+            if n:
+                rows.append((own, torch.cat([prompt, own]), torch.ones(n, p + n, dtype=torch.bool).tril(p)))
+            start += n
+    tq, tk = max(len(q) for q, _, _ in rows), max(len(k) for _, k, _ in rows)
+    query_index = torch.full((len(rows), tq), start, dtype=torch.int64)
+    key_index = torch.full((len(rows), tk), start, dtype=torch.int64)
+    visible = torch.zeros(len(rows), 1, tq, tk, dtype=torch.bool)
+    visible[:, 0, :, 0] = True  # padded queries see one key; real ones are overwritten below
+    output_index = torch.empty(start, dtype=torch.int64)
+    for r, (q, k, seen) in enumerate(rows):
+        query_index[r, : len(q)], key_index[r, : len(k)] = q, k
+        visible[r, 0, : len(q), : len(k)] = seen
+        output_index[q] = r * tq + torch.arange(len(q))
+    return AttentionRows(query_index, key_index, visible, output_index)
 
 
 def _detect_varlen() -> tuple[Callable, dict, set[str]] | None:
@@ -117,27 +165,19 @@ def _per_sample_attention(query, key, value, packed: PackedSequences, scaling: f
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def _shared_prompt_attention(query, key, value, packed: PackedSequences, scaling: float | None, dropout: float):
-    """[1, Hq, N, D] queries, [1, Hkv, N, D] keys/values → [1, N, Hq, D] over segments [prompt | responses...]:
-    a prompt attends causally to itself, a response to its whole prompt and causally to itself."""
-    gqa = query.shape[1] != key.shape[1]
+def _row_attention(query, key, value, rows: AttentionRows, scaling: float | None, dropout: float):
+    """[1, Hq, N, D] queries, [1, Hkv, N, D] keys/values → [1, N, Hq, D]: one SDPA over the attention rows."""
 
-    def attend(q, k, v, **mask):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **mask)
+    def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [1, H, N, D] → [R, H, L, D]
+        padded = F.pad(x[0], (0, 0, 0, 1))  # position N: a zero vector for the padding
+        return padded[:, index].transpose(0, 1)
 
-    outs, start = [], 0
-    for p, response_lens in packed.shared:
-        prompt = slice(start, start + p)
-        outs.append(attend(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], is_causal=True))
-        start += p
-        for n in response_lens:
-            own = slice(start, start + n)
-            keys = torch.cat([key[:, :, prompt], key[:, :, own]], dim=2)
-            values = torch.cat([value[:, :, prompt], value[:, :, own]], dim=2)
-            visible = torch.ones(n, p + n, dtype=torch.bool, device=query.device).tril(diagonal=p)
-            outs.append(attend(query[:, :, own], keys, values, attn_mask=visible))
-            start += n
-    return torch.cat(outs, dim=2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        gather(query, rows.query_index), gather(key, rows.key_index), gather(value, rows.key_index),
+        attn_mask=rows.visible, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+    )  # fmt: skip
+    r, heads, tq, dim = out.shape
+    return out.transpose(1, 2).reshape(r * tq, heads, dim).index_select(0, rows.output_index).unsqueeze(0)
 
 
 def packed_attention(
@@ -164,8 +204,8 @@ def packed_attention(
         raise NotImplementedError("packed attention does not implement sliding-window layers (set packing=False)")
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("packed attention takes one packed row (batch size 1) and no attention mask")
-    if packed_sequences.shared:
-        return _shared_prompt_attention(query, key, value, packed_sequences, scaling, dropout), None
+    if packed_sequences.rows is not None:
+        return _row_attention(query, key, value, packed_sequences.rows, scaling, dropout), None
     if packed_kernel(query.device.type, query.dtype) == "varlen_attn" and dropout == 0.0:
         return _varlen_attention(query, key, value, packed_sequences, scaling), None
     return _per_sample_attention(query, key, value, packed_sequences, scaling, dropout), None

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from advantage import REWARD_OK, RolloutBatch
+from learner.attention import AttentionRows, shared_prompt_rows
 
 
 def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
@@ -288,6 +289,9 @@ class MicroBatchInputs:
     seq_lens:       packed only: tokens per segment (host ints); () when padded.
     shared:         with shared prompts: per segment, (prompt tokens, tokens of each response after it)
                     (host ints); () otherwise.
+    attn_query_index, attn_key_index, attn_visible, attn_output_index: with shared prompts, the fields of
+                    the layout's learner.attention.AttentionRows (tensors, so they travel with the inputs);
+                    None otherwise.
     response_len:   t, the width of the [b, t] response layout (the micro-batch's longest response, ≥ 1).
     num_tokens:     real tokens, each sample's prompt + response; computed_tokens: positions the model computes
                     (= num_tokens when packed, fewer with shared prompts, b × (p + t) when padded).
@@ -306,6 +310,17 @@ class MicroBatchInputs:
     num_tokens: int
     computed_tokens: int
     shared: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    attn_query_index: torch.Tensor | None = None
+    attn_key_index: torch.Tensor | None = None
+    attn_visible: torch.Tensor | None = None
+    attn_output_index: torch.Tensor | None = None
+
+    @property
+    def attention_rows(self) -> AttentionRows | None:
+        """The shared-prompt attention rows (None without shared prompts)."""
+        if self.attn_query_index is None:
+            return None
+        return AttentionRows(self.attn_query_index, self.attn_key_index, self.attn_visible, self.attn_output_index)
 
     @property
     def packed(self) -> bool:
@@ -421,6 +436,7 @@ def _shared_prompt_inputs(batch: RolloutBatch, rows: Sequence[int]) -> MicroBatc
         shared.append((p, tuple(resp_len[i:j])))
         i = j
     cu = torch.tensor([0, *seq_lens], dtype=torch.int64).cumsum(0).to(torch.int32)
+    rows_of_attention = shared_prompt_rows(shared)
     return MicroBatchInputs(
         input_ids=torch.cat(ids).unsqueeze(0),
         position_ids=torch.cat(positions).unsqueeze(0),
@@ -435,6 +451,10 @@ def _shared_prompt_inputs(batch: RolloutBatch, rows: Sequence[int]) -> MicroBatc
         num_tokens=sum(len(prompt) for prompt in prompts) + sum(resp_len),
         computed_tokens=offset,
         shared=tuple(shared),
+        attn_query_index=rows_of_attention.query_index,
+        attn_key_index=rows_of_attention.key_index,
+        attn_visible=rows_of_attention.visible,
+        attn_output_index=rows_of_attention.output_index,
     )
 
 

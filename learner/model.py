@@ -146,7 +146,7 @@ def response_log_probs(
         attention = {
             "attention_mask": dict.fromkeys(set(getattr(model.config, "layer_types", None) or ["full_attention"])),
             "packed_sequences": PackedSequences(
-                inputs.seq_lens, inputs.cu_seq_lens, max(inputs.seq_lens), shared=inputs.shared
+                inputs.seq_lens, inputs.cu_seq_lens, max(inputs.seq_lens), rows=inputs.attention_rows
             ),
         }
     else:

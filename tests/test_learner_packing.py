@@ -13,7 +13,7 @@ from test_learner import process_group, rel_err  # noqa: F401  (process_group: a
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from learner.attention import PackedSequences, packed_attention, packed_kernel
+from learner.attention import PackedSequences, packed_attention, packed_kernel, shared_prompt_rows
 from learner.batching import micro_batch_inputs
 from learner.config import LearnerConfig
 from learner.logprobs import head_log_probs
@@ -165,17 +165,18 @@ def test_shared_prompt_inputs_hold_each_prompt_once():
 
 
 def test_shared_prompt_attention_sees_the_prompt_and_its_own_response():
-    """Against a float64 reference written out: segments [prompt 3 | responses 2, 4] and [prompt 1 | response 3];
+    """Against a float64 reference written out: segments [prompt 3 | responses 2, 4], [prompt 1 | responses 3, 0];
     a prompt position sees earlier prompt positions, a response position its prompt and its own earlier ones."""
     gen = torch.Generator().manual_seed(0)
-    shared, heads, kv_heads, dim = ((3, (2, 4)), (1, (3,))), 4, 2, 8
+    shared, heads, kv_heads, dim = ((3, (2, 4)), (1, (3, 0))), 4, 2, 8  # an empty response too
     part = []  # (segment, response index or −1 for the prompt) of every position
     for s, (p, lens) in enumerate(shared):
         part += [(s, -1)] * p + [(s, j) for j, n in enumerate(lens) for _ in range(n)]
     n = len(part)
     q, k, v = (torch.randn(1, h, n, dim, generator=gen) for h in (heads, kv_heads, kv_heads))
     seq_lens = tuple(p + sum(lens) for p, lens in shared)
-    packed = PackedSequences(seq_lens, torch.tensor([0, 9, 13], dtype=torch.int32), max(seq_lens), shared=shared)
+    cu = torch.tensor([0, 9, 13], dtype=torch.int32)
+    packed = PackedSequences(seq_lens, cu, max(seq_lens), rows=shared_prompt_rows(shared))
     out, _ = packed_attention(torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, packed_sequences=packed)
     allowed = torch.zeros(n, n, dtype=torch.bool)
     for i, (si, ri) in enumerate(part):
