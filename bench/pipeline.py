@@ -1,6 +1,6 @@
 """Seconds per training step of the demo's job, synchronous vs overlapped (issue 15), same code and seed.
 
-    python -m bench.pipeline [--steps 20] [--seed 0] [--configs sync,overlap,default]
+    python -m bench.pipeline [--steps 20] [--seed 0] [--configs sync,overlap,default] [OVERRIDE ...]
 
 Trains the demo's configuration (conf/config.yaml: FIPO, 16 prompts × 8 samples per step, 2 optimizer steps,
 the tiny model after its cached warm-start) for `--steps` steps without evaluations, once per configuration,
@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps per configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default="sync,overlap,default", help=f"comma-separated among {list(CONFIGS)}")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides added to every configuration (learner.world_size=1)")
     args = p.parse_args()
     names = args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
@@ -84,7 +85,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         for name in names:
-            results[name] = run_config(name, CONFIGS[name], args.steps, args.seed, Path(tmp))
+            results[name] = run_config(name, [*CONFIGS[name], *args.overrides], args.steps, args.seed, Path(tmp))
             r = results[name]
             print(
                 f"{name:12s} {r['seconds_per_step']:.2f} s/step  {r['trained_samples_per_s']:.1f} trained samples/s  "
@@ -101,7 +102,7 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print_result({"bench": "pipeline", "commit": git_commit(), **device_info(), "steps": args.steps,
-                  "seed": args.seed, "loadavg": load, "results": results})  # fmt: skip
+                  "seed": args.seed, "overrides": args.overrides, "loadavg": load, "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":
