@@ -41,9 +41,10 @@ def collect(stack_dir: str | Path, *, wait_s: float = 1.0, max_lines: int = 60) 
     before: dict[Path, int] = {}
     for path in stack_dir.glob("*.txt"):
         try:
+            size = path.stat().st_size  # before the signal: faulthandler may write the dump at once
             os.kill(int(path.stem), DUMP_SIGNAL)
-            before[path] = path.stat().st_size
-        except (ProcessLookupError, PermissionError, ValueError):
+            before[path] = size
+        except (ProcessLookupError, PermissionError, ValueError, FileNotFoundError):
             continue
     time.sleep(wait_s)
     dumps = []
