@@ -19,7 +19,8 @@ learner's models are built with `PACKED_ATTENTION`, registered here:
     causally) — padded to the longest row and masked (`shared_prompt_rows`), the outputs gathered back;
 * called without it (the right-padded layout), it is transformers' own SDPA attention, unchanged.
 
-Verified: the CPU path against the padded SDPA path and a float64 reference (tests/test_learner_packing.py).
+Verified: both CPU paths (per sample, and shared-prompt rows) against the padded SDPA path and float64
+references, log-probs, gradients and parameters after an update (tests/test_learner_packing.py).
 The CUDA varlen path is written for torch 2.11 and tested only where a GPU runs that test file (the GPU suite,
 bench/gpu_suite.py); it is not exercised on the development machine.
 """
