@@ -119,7 +119,8 @@ class LearnerConfig:
     [prompt | response 1 | response 2 | ...], each response seeing the prompt and itself (learner/attention.py):
     the prompt's positions are computed once instead of once per sample, with the same log-probs and
     gradients (a group's samples produce identical outputs at their prompt). Pays when prompts are a large
-    share of the tokens (the CPU demo: ~60%); on CUDA it runs per-response SDPA instead of the varlen kernel."""
+    share of the tokens (the CPU demo: ~60%). It runs SDPA over gathered attention rows with a
+    [rows × longest query × longest key] mask, also on CUDA (not the varlen kernel): meant for short responses."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of storing them (about 1/3 more compute
     for far less activation memory); the GPU presets turn it on."""
