@@ -97,8 +97,8 @@ def _cost(
     """Positions a micro-batch of `rows` computes: Σ tokens packed (each distinct prompt once when `keys` are
     given), rows × (longest prompt + longest response, each at least 1) padded."""
     if packing:
-        prompts = {keys[i] if keys is not None else ("row", i): prompt_len[i] for i in rows}
-        return sum(prompts.values()) + sum(resp_len[i] for i in rows)
+        prompts = [prompt_len[i] for i in rows] if keys is None else {keys[i]: prompt_len[i] for i in rows}.values()
+        return sum(prompts) + sum(resp_len[i] for i in rows)
     return len(rows) * (max(1, *(prompt_len[i] for i in rows)) + max(1, *(resp_len[i] for i in rows)))
 
 
@@ -350,18 +350,18 @@ def micro_batch_inputs(
     Packing needs every sample to have at least one prompt token (the first response token is predicted from
     the sample's own last prompt token, never from the previous sample). `share_prompts` (packed only):
     consecutive rows with identical prompts share one copy of it (`_shared_prompt_inputs`)."""
+    index = torch.as_tensor(list(rows), dtype=torch.int64)
+    prompt_mask = batch.prompt_mask[index].bool()
+    prompt_lens = prompt_mask.sum(-1)
+    if packing and bool((prompt_lens == 0).any()):
+        raise ValueError("packing needs at least one prompt token per sample (set packing=False otherwise)")
     if share_prompts:
         if not packing:
             raise ValueError("share_prompts needs packing=True")
         return _shared_prompt_inputs(batch, rows)
-    index = torch.as_tensor(list(rows), dtype=torch.int64)
-    prompt_mask = batch.prompt_mask[index].bool()
-    prompt_lens = prompt_mask.sum(-1)
     p = max(1, int(prompt_lens.max()))
     resp_len = response_lengths(batch.response_mask[index])
     t = max(1, int(resp_len.max()))
-    if packing and bool((prompt_lens == 0).any()):
-        raise ValueError("packing needs at least one prompt token per sample (set packing=False otherwise)")
     tokens = torch.cat([batch.prompt_ids[index, -p:], batch.response_ids[index, :t]], dim=1)  # [b, p + t]
     response_real = torch.arange(t).unsqueeze(0) < resp_len.unsqueeze(-1)  # [b, t]
     real = torch.cat([prompt_mask[:, -p:], response_real], dim=1)  # [b, p + t]
@@ -408,9 +408,7 @@ def _shared_prompt_inputs(batch: RolloutBatch, rows: Sequence[int]) -> MicroBatc
     rows = [int(r) for r in rows]
     resp_len = response_lengths(batch.response_mask[rows]).tolist()
     t = max(1, *resp_len)
-    prompts = [batch.prompt_ids[r][batch.prompt_mask[r].bool()] for r in rows]
-    if any(len(prompt) == 0 for prompt in prompts):
-        raise ValueError("packing needs at least one prompt token per sample (set packing=False otherwise)")
+    prompts = [batch.prompt_ids[r][batch.prompt_mask[r].bool()] for r in rows]  # non-empty: checked by the caller
     ids, positions, target_index, target_ids, response_index = [], [], [], [], []
     seq_lens, shared = [], []
     offset, i = 0, 0
@@ -427,8 +425,10 @@ def _shared_prompt_inputs(batch: RolloutBatch, rows: Sequence[int]) -> MicroBatc
             response = batch.response_ids[rows[sample], :n]
             ids.append(response)
             positions.append(torch.arange(p, p + n))
-            # column 0 is predicted by the prompt's last position, column c > 0 by column c − 1
-            target_index.append(torch.cat([torch.tensor([last_prompt]), offset + torch.arange(max(n - 1, 0))])[:n])
+            # column c > 0 is predicted by column c − 1, column 0 by the prompt's last position
+            predictors = offset - 1 + torch.arange(n)
+            predictors[:1] = last_prompt
+            target_index.append(predictors)
             target_ids.append(response)
             response_index.append(sample * t + torch.arange(n))
             offset += n
