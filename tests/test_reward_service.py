@@ -91,9 +91,13 @@ def test_lost_actor_is_replaced_and_only_its_shard_rescored(ray_cluster):
 
     service = RewardService(num_workers=2, timeout_s=1.0, num_cpus_per_worker=0.25, max_restarts=1)
     try:
-        responses = [f"Answer: {n}" for n in range(8)]
-        truths = [str(n % 3) for n in range(8)]
+        # shards long enough (~1 s of scoring each) that the SIGKILL, sent right after the submission, lands
+        # before actor 1 has finished: a shard of 4 short answers could be scored and returned before it
+        responses = [f"Answer: {n}" for n in range(1000)]
+        truths = [str(n % 3) for n in range(1000)]
+        start = time.monotonic()
         expected = service.score_batch(responses, truths)
+        assert time.monotonic() - start > 0.2, "scoring is too fast for the kill to land mid-shard"
         faults = Faults([FaultSpec.parse("reward:1@0:score")], max_restarts=1)
         faults.attach("reward", service)
         untouched = service.workers[0]
