@@ -134,19 +134,25 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
     a = run.cfg.algorithm
     pool = GroupPool(run.sizes.train_batch_prompts, run.sample_filter)
     rounds = a.max_gen_rounds if run.sample_filter is not None else 1
+    seconds = {"timing_s/rollout_generate": 0.0, "timing_s/rollout_score": 0.0}  # summed over the rounds
     for gen_round in range(rounds):
         size = run.sizes.gen_batch_prompts
         if run.round_sizer is not None:
             size = run.round_sizer.size(run.sizes.train_batch_prompts - len(pool.kept))
         rows = [run.train_rows[i] for i in run.sampler.next_indices(size)]
+        start = time.perf_counter()
         samples = run.rollout.generate(
             [list(r.messages) for r in rows], run.sampling(sampling_seed(run.cfg.seed, step, gen_round))
         )
-        pool.add(group_samples(rows, samples, score(run, rows, samples)))
+        scored = time.perf_counter()
+        rewards = score(run, rows, samples)
+        seconds["timing_s/rollout_generate"] += scored - start
+        seconds["timing_s/rollout_score"] += time.perf_counter() - scored
+        pool.add(group_samples(rows, samples, rewards))
         if pool.full():
             if run.round_sizer is not None:
                 run.round_sizer.record(len(pool.kept), pool.seen_groups)
-            return pool.to_batch(run.rollout.pad_token_id, run.shaping), pool.metrics()
+            return pool.to_batch(run.rollout.pad_token_id, run.shaping), pool.metrics() | seconds
     raise RuntimeError(
         f"dynamic sampling kept {len(pool.kept)} of the {run.sizes.train_batch_prompts} groups a step needs after "
         f"algorithm.max_gen_rounds={rounds} rounds ({dict(pool.drops)} dropped): the task is too easy or too hard "

@@ -223,6 +223,10 @@ def test_one_step_off_policy_pipeline_is_bounded_deterministic_and_resumes_exact
     assert [row["weight_sync/policy_version"] for row in rows] == [1, 2, 3]
     timings = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= row["perf/rollout_hidden_frac"] <= 1 for row in timings)
+    for row in timings:  # the collection's time is its generation, its scoring and a little bookkeeping
+        parts = row["timing_s/rollout_generate"] + row["timing_s/rollout_score"]
+        assert row["timing_s/rollout_generate"] > 0 and row["timing_s/rollout_score"] > 0
+        assert parts <= row["timing_s/rollout_busy"] and parts > 0.5 * row["timing_s/rollout_busy"], row
 
     second = tmp_path / "second"
     proc = run_train(second, tiny_dir, *ahead, background=True)
