@@ -91,13 +91,15 @@ def test_lost_actor_is_replaced_and_only_its_shard_rescored(ray_cluster):
 
     service = RewardService(num_workers=2, timeout_s=1.0, num_cpus_per_worker=0.25, max_restarts=1)
     try:
-        # shards long enough (~1 s of scoring each) that the SIGKILL, sent right after the submission, lands
-        # before actor 1 has finished: a shard of 4 short answers could be scored and returned before it
+        # Shards of 500 answers, so that the SIGKILL (os.kill from this process, microseconds after the
+        # submission) lands before actor 1 has returned its shard: with 4 answers per shard it once came too late
+        # (no restart). Measured 2026-11-30: the first call 1.0 s (scorer children starting), warm calls
+        # 0.03-0.04 s for both shards. The assertion below checks the first call only.
         responses = [f"Answer: {n}" for n in range(1000)]
         truths = [str(n % 3) for n in range(1000)]
         start = time.monotonic()
         expected = service.score_batch(responses, truths)
-        assert time.monotonic() - start > 0.2, "scoring is too fast for the kill to land mid-shard"
+        assert time.monotonic() - start > 0.2, "the first call, with its scorer start-up, is unexpectedly fast"
         faults = Faults([FaultSpec.parse("reward:1@0:score")], max_restarts=1)
         faults.attach("reward", service)
         untouched = service.workers[0]
