@@ -62,11 +62,13 @@ class _LearnerActor:
     def __init__(self) -> None:
         self.worker = None
 
-    def start(self) -> tuple[str, int, int, str]:
-        """Import the heavy modules now (so that the rendezvous in `setup` is quick); return (ip, free port,
-        this process's pid, its Ray node id)."""
+    def start(self, process_setup: Callable[[], Any] | None = None) -> tuple[str, int, int, str]:
+        """Run `process_setup` (if any), import the heavy modules now (so that the rendezvous in `setup` is
+        quick); return (ip, free port, this process's pid, its Ray node id)."""
         import os
 
+        if process_setup is not None:
+            process_setup()
         import learner.worker  # noqa: F401
 
         return ray.util.get_node_ip_address(), free_port(), os.getpid(), ray.get_runtime_context().get_node_id()
@@ -103,6 +105,8 @@ class LearnerGroup:
         num_gpus_per_rank: Ray GPUs per actor (1 on a GPU cluster: NCCL is used when CUDA is visible).
         call_timeout_s: deadline of every group call, seconds (a rank that takes longer raises TimeoutError).
         actor_options: extra `ray.remote` options (e.g. scheduling_strategy for a placement group).
+        process_setup: a picklable callable each rank's process runs first (e.g. the CPU placement of
+            orchestration/placement.py).
 
     `on_submit(phase, processes)`, a hook the driver may install (fault drills), is called right after every
     call's tasks are submitted, with the LearnerWorker method (or "weight_buckets") and {rank: (pid, node_id)}.
@@ -117,6 +121,7 @@ class LearnerGroup:
         num_gpus_per_rank: float = 0,
         call_timeout_s: float = 1800.0,
         actor_options: dict | None = None,
+        process_setup: Callable[[], Any] | None = None,
     ) -> None:
         self.config = config
         self.world_size = world_size
@@ -131,7 +136,7 @@ class LearnerGroup:
         )
         self.actors = [remote_cls.remote() for _ in range(world_size)]
         try:
-            started = self._wait([a.start.remote() for a in self.actors], "start")
+            started = self._wait([a.start.remote(process_setup) for a in self.actors], "start")
             master_addr, master_port = started[0][:2]
             self.processes = {rank: (pid, node) for rank, (_, _, pid, node) in enumerate(started)}
             """{rank: (pid, Ray node id)} of the rank actors."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.faults import Faults, FaultSpec
+from orchestration.placement import place_this_process
 from orchestration.preflight import check_on_nodes, preflight
 from orchestration.sampling import OverlongShaping, RoundSizer
 from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
@@ -335,7 +338,16 @@ def build_learner(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Learne
         num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
         num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
         call_timeout_s=cfg.learner.timeout_s,
+        process_setup=placement_setup(cpus=None, nice=cfg.cluster.learner_nice),
     )
+
+
+def placement_setup(cpus: list[int] | None, nice: int | None) -> Callable[[], dict] | None:
+    """What a worker process runs first to sit where cluster.rollout_cpus (positions, resolved on the
+    worker's machine) and cluster.learner_nice say; None when there is nothing to do."""
+    if cpus is None and nice is None:
+        return None
+    return partial(place_this_process, cpus=None if cpus is None else list(cpus), nice=nice)
 
 
 def build_run(cfg: TrainConf) -> Run:
@@ -374,6 +386,7 @@ def build_run(cfg: TrainConf) -> Run:
             num_gpus_per_worker=r.num_gpus_per_worker,
             timeout_s=r.timeout_s,
             max_restarts=cfg.trainer.max_restarts,
+            process_setup=placement_setup(cpus=cfg.cluster.rollout_cpus, nice=None),
         )
         parts.append(rollout)
         reward = RewardService(

@@ -448,6 +448,13 @@ class ClusterConf:
     """Environment variables of the run: set in the driver before anything starts (a variable already set in
     the launching shell wins) and handed to every Ray worker. conf/cluster/local_cpu.yaml sets what vLLM's
     CPU build needs (engine core in-process, a small KV cache), so every entry point works without exports."""
+    rollout_cpus: list[int] | None = None
+    """The cores every rollout worker's process is bound to, as positions among the cores its machine lets it
+    use (0 = the first; null: any core). On a 2-core box the single-threaded CPU engine then keeps one
+    core (and its caches) while the learner ranks run beside it; see orchestration/placement.py."""
+    learner_nice: int | None = None
+    """Niceness the learner ranks raise themselves to, so that the engine wins a shared core
+    (null: as Ray started them, 15 like every Ray worker; never lowered)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -457,6 +464,11 @@ class ClusterConf:
         )
         bad = [key for key in self.env if not key or "=" in key]
         _check(not bad, "cluster.env", f"invalid variable names {bad}")
+        _check(
+            self.learner_nice is None or 0 <= self.learner_nice <= 19,
+            "cluster.learner_nice",
+            f"must be a niceness in [0, 19] (it is only ever raised) or null, got {self.learner_nice}",
+        )
 
 
 @dataclass

@@ -66,7 +66,15 @@ def disk_needed(cfg: TrainConf) -> int | None:
 
 def preflight(cfg: TrainConf) -> None:
     """Raise ConfigError, naming the key, for an output folder that is not writable or whose disk is too small
-    for the configured checkpoints, or a model.path that does not exist here (unless it is a hub id)."""
+    for the configured checkpoints, a model.path that does not exist here (unless it is a hub id), or
+    cluster.rollout_cpus naming cores this machine does not have."""
+    if cfg.cluster.rollout_cpus is not None and cfg.cluster.address is None:  # the workers run here
+        from orchestration.placement import resolve_cpus
+
+        try:
+            resolve_cpus(cfg.cluster.rollout_cpus, "cluster.rollout_cpus")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     out = Path(cfg.trainer.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

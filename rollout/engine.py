@@ -218,6 +218,20 @@ class DerivedBufferReloadFilter(logging.Filter):
         return not (record.msg == FAILED_TO_LOAD and bool(record.args) and record.args[0] in self.layer_names)
 
 
+PREFIX_CACHE_LOGGER = "vllm.v1.core.block_pool"
+PREFIX_CACHE_RESET = "Successfully reset prefix cache"
+
+
+class PrefixCacheResetFilter(logging.Filter):
+    """Drops vLLM's INFO line "Successfully reset prefix cache". finish_weight_update resets the cache on
+    purpose after every push (and raises if the reset fails), so the line would otherwise repeat once per
+    training step in the run's output. Only in this process: an engine core in a child process (vLLM's
+    multiprocessing mode, the GPU default) still logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != PREFIX_CACHE_RESET
+
+
 def install_reload_filter(model: torch.nn.Module) -> None:
     """Add DerivedBufferReloadFilter for `model` to vLLM's reload logger (once per process)."""
     logger = logging.getLogger(RELOAD_LOGGER)
@@ -320,6 +334,9 @@ class VLLMEngine:
             **engine_kwargs,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        cache_logger = logging.getLogger(PREFIX_CACHE_LOGGER)
+        if not any(isinstance(f, PrefixCacheResetFilter) for f in cache_logger.filters):
+            cache_logger.addFilter(PrefixCacheResetFilter())
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
         self._update_active = False

@@ -44,10 +44,15 @@ _FORWARDED_ENV = (
 
 
 class _RayRolloutWorker(RolloutWorker):
-    """RolloutWorker plus the Ray-aware methods: its process and node in `info`, weight buckets fetched lazily."""
+    """RolloutWorker plus the Ray-aware methods: its process and node in `info`, weight buckets fetched lazily.
+    `process_setup`, when given, runs first (before the engine starts its threads)."""
+
+    def __init__(self, *args, process_setup: Callable[[], Any] | None = None, **kwargs) -> None:
+        self.placement = process_setup() if process_setup is not None else None
+        super().__init__(*args, **kwargs)
 
     def info(self) -> dict:
-        return super().info() | {"node_id": ray.get_runtime_context().get_node_id()}
+        return super().info() | {"node_id": ray.get_runtime_context().get_node_id(), "placement": self.placement}
 
     def update_weights_from_refs(self, nested_bucket_refs: list[list[ray.ObjectRef]], policy_version: int) -> dict:
         """`nested_bucket_refs[0]` lists refs of buckets `list[tuple[str, Tensor]]`; nested so that Ray passes the
@@ -80,6 +85,8 @@ class RolloutGroup:
     timeout_s:           the longest a generate / update_weights call may take before a RuntimeError.
     start_timeout_s:     the longest engine start may take.
     max_restarts:        restarts of lost workers allowed per call when recovery is on (see the module doc).
+    process_setup:       a picklable callable each worker process runs first, also after a restart (e.g. the
+                         CPU binding of orchestration/placement.py); its result is `info()["placement"]`.
 
     Hooks the driver may install (attributes, None by default):
     recover_weights(ranks): bring the (restarted) workers `ranks` to the current policy weights, e.g. by
@@ -103,6 +110,7 @@ class RolloutGroup:
         timeout_s: float = 600.0,
         start_timeout_s: float = 300.0,
         max_restarts: int = 0,
+        process_setup: Callable[[], Any] | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"RolloutGroup needs num_workers >= 1, got {num_workers}")
@@ -127,7 +135,9 @@ class RolloutGroup:
             max_restarts=0,
             runtime_env={"env_vars": env_vars},
         )(_RayRolloutWorker)
-        self._new_worker = lambda: actor_cls.remote(model_path, engine=engine, **(engine_kwargs or {}))
+        self._new_worker = lambda: actor_cls.remote(
+            model_path, engine=engine, process_setup=process_setup, **(engine_kwargs or {})
+        )
         self.workers = [self._new_worker() for _ in range(num_workers)]
         try:
             infos = self._call(

@@ -165,6 +165,8 @@ def test_preflight_names_the_key(tmp_path, monkeypatch):
         preflight.preflight(load_config(f"trainer.output_dir={blocker}/run"))
     with pytest.raises(ConfigError, match=r"model\.path: .*no_such_model.* does not exist"):
         preflight.preflight(load_config(f"trainer.output_dir={tmp_path}/run", f"model.path={tmp_path}/no_such_model"))
+    with pytest.raises(ConfigError, match=r"cluster\.rollout_cpus: \[0, 4096\] is not .* usable cores"):
+        preflight.preflight(load_config(f"trainer.output_dir={tmp_path}/run", "cluster.rollout_cpus=[0,4096]"))
 
     cfg = load_config(f"trainer.output_dir={tmp_path}/run", "trainer.keep_checkpoints=2")
     one, snapshot = preflight.checkpoint_bytes(cfg)

@@ -90,6 +90,7 @@ def test_unknown_key_is_rejected_not_ignored():
         ("rollout.engine=tgi", "rollout.engine"),
         ("learner.world_size=9", "cluster.num_cpus"),
         ("algorithm.overlong_buffer_tokens=100", "algorithm.overlong_buffer_tokens"),
+        ("cluster.learner_nice=20", "cluster.learner_nice"),
     ],
 )
 def test_bad_values_name_the_key(override, match):

@@ -131,12 +131,18 @@ def test_weight_update_changes_outputs_and_matches_new_weights(engine, model_dir
     the log-prob checks below are the proof that the warning was harmless."""
     import logging
 
-    from rollout.engine import FAILED_TO_LOAD, RELOAD_LOGGER
+    from rollout.engine import FAILED_TO_LOAD, PREFIX_CACHE_LOGGER, PREFIX_CACHE_RESET, RELOAD_LOGGER
 
     records = []
     capture = logging.Handler(logging.WARNING)
     capture.emit = records.append
     logging.getLogger(RELOAD_LOGGER).addHandler(capture)
+    cache_records = []  # vLLM's INFO line after each prefix-cache reset: dropped (one per push otherwise)
+    cache_capture = logging.Handler(logging.INFO)
+    cache_capture.emit = cache_records.append
+    cache_logger = logging.getLogger(PREFIX_CACHE_LOGGER)
+    assert cache_logger.isEnabledFor(logging.INFO)
+    cache_logger.addHandler(cache_capture)
     sampling = SamplingConfig(n=2, max_tokens=24, seed=11)
     before = engine.generate(PROMPTS, sampling)
 
@@ -159,6 +165,10 @@ def test_weight_update_changes_outputs_and_matches_new_weights(engine, model_dir
     assert all(s.policy_version == 2 for s in newer)
     assert max_abs_log_prob_error(load_reference_model(model_dir, newer_state), newer) <= 1e-4
     logging.getLogger(RELOAD_LOGGER).removeHandler(capture)
+    cache_logger.info("another block-pool message")  # other INFO lines of that logger still pass
+    cache_logger.removeHandler(cache_capture)
+    assert [r.getMessage() for r in cache_records] == ["another block-pool message"]
+    assert PREFIX_CACHE_RESET not in [r.msg for r in cache_records]
     assert not [r.getMessage() for r in records if r.msg == FAILED_TO_LOAD], "a layer missed its weights"
     # The filter is installed, names the rotary embedding, and still lets the warning through for other layers.
     (installed,) = [f for f in logging.getLogger(RELOAD_LOGGER).filters if hasattr(f, "layer_names")]
