@@ -111,9 +111,24 @@ class RewardService:
         bound = self.call_timeout_s or 60.0 + shard_size * (self.timeout_s + 2.0)
         pending: dict[Any, tuple[int, float]] = {}  # ref → (worker, deadline)
 
+        def process_of(k: int) -> Any:
+            """Worker k's process; a worker that died after its last result came in (a kill that landed just
+            after the scoring ended) is replaced first."""
+            try:
+                return ray.get(self.workers[k].process.remote())
+            except ray.exceptions.RayActorError as e:
+                lost_at = time.monotonic()
+                ray.kill(self.workers[k])
+                self.workers[k] = self._new_worker()
+                self.restarts += 1
+                process = ray.get(self.workers[k].process.remote())
+                if self.on_restart is not None:
+                    self.on_restart(k, "score", f"found dead before the call: {e}", lost_at)
+                return process
+
         def submit(workers: Sequence[int]) -> None:
             # the processes are asked first: a call queued behind the scoring would answer after it
-            processes = ray.get([self.workers[k].process.remote() for k in workers]) if self.on_submit else []
+            processes = [process_of(k) for k in workers] if self.on_submit else []
             for k in workers:
                 pending[self.workers[k].score_samples.remote(shards[k])] = (k, time.monotonic() + bound)
             if self.on_submit is not None:
