@@ -118,9 +118,7 @@ class RewardService:
                 return ray.get(self.workers[k].process.remote())
             except ray.exceptions.RayActorError as e:
                 lost_at = time.monotonic()
-                ray.kill(self.workers[k])
-                self.workers[k] = self._new_worker()
-                self.restarts += 1
+                self._replace(k)
                 process = ray.get(self.workers[k].process.remote())
                 if self.on_restart is not None:
                     self.on_restart(k, "score", f"found dead before the call: {e}", lost_at)
@@ -152,9 +150,7 @@ class RewardService:
                 late = [ref for ref, (_, d) in pending.items() if d <= lost_at]
                 lost = {pending.pop(ref)[0]: f"gave no result within {bound:.0f} s" for ref in late}
             for k in lost:  # replaced at once, so that no later call queues behind a dead or stuck actor
-                ray.kill(self.workers[k])
-                self.workers[k] = self._new_worker()
-                self.restarts += 1
+                self._replace(k)
             if restarted + len(lost) > self.max_restarts:
                 budget = f" ({restarted} re-scored in this call, max_restarts={self.max_restarts})"
                 causes = "; ".join(f"reward worker {k} of {self.num_workers} {cause}" for k, cause in lost.items())
@@ -165,6 +161,14 @@ class RewardService:
                 if self.on_restart is not None:
                     self.on_restart(k, "score", cause, lost_at)
         return [result for k in range(len(shards)) for result in results[k]]
+
+    def _replace(self, k: int) -> None:
+        """Kill worker k (dead or stuck) and start a fresh one in its place."""
+        import ray
+
+        ray.kill(self.workers[k])
+        self.workers[k] = self._new_worker()
+        self.restarts += 1
 
     def shutdown(self) -> None:
         """Kill every actor (their child processes die with them)."""
