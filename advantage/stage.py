@@ -1,6 +1,6 @@
 """The advantage stage: a scored batch with old log-probs → per-token advantages and mismatch metrics.
 
-Pure tensor code over a RolloutBatch (the Ray AdvantageActor in orchestration is a thin shell around it).
+Pure tensor code over a RolloutBatch (advantage/group.py's AdvantageService is the thin Ray shell around it).
 Samples whose reward status is not OK get no advantage and leave the loss (their response_mask is cleared).
 """
 
@@ -91,7 +91,7 @@ def compute_advantages(
 
 
 class AdvantageWorker:
-    """The plain body of the AdvantageActor: a chosen estimator and its settings, applied to batches."""
+    """The plain body of the advantage actor (advantage/group.py): an estimator and its settings, for batches."""
 
     def __init__(self, estimator_name: str, config: AdvantageStageConfig) -> None:
         from advantage.registry import ADVANTAGE_ESTIMATORS

@@ -17,7 +17,8 @@ from typing import Any
 import ray
 
 from advantage import POLICY_LOSSES, SAMPLE_FILTERS
-from advantage.stage import AdvantageStageConfig, AdvantageWorker
+from advantage.group import AdvantageService
+from advantage.stage import AdvantageStageConfig
 from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
 from learner.group import LearnerGroup
 from orchestration import stacks
@@ -243,7 +244,7 @@ class Run:
     rollout: RolloutGroup
     reward: RewardService
     learner: LearnerGroup
-    advantage: Any  # the AdvantageActor handle
+    advantage: AdvantageService
     sample_filter: Any
     shaping: OverlongShaping | None
     ckpt: CheckpointManager
@@ -289,7 +290,7 @@ class Run:
         self.faults.attach("learner", self.learner)
 
     def shutdown(self) -> None:
-        for part in (self.rollout, self.reward, self.learner):
+        for part in (self.rollout, self.reward, self.learner, self.advantage):
             try:
                 part.shutdown()
             except Exception as err:  # shutting down after a failure must not hide the failure
@@ -399,16 +400,18 @@ def build_run(cfg: TrainConf) -> Run:
         parts.append(reward)
         learner = build_learner(cfg, sizes, model_dir)
         parts.append(learner)
+        advantage = AdvantageService(
+            cfg.algorithm.advantage_estimator,
+            AdvantageStageConfig(norm_by_std=True, rollout_is_cap=cfg.algorithm.rollout_is_cap),
+            num_cpus=0.25,
+            max_restarts=cfg.trainer.max_restarts,
+        )
     except BaseException:
         for part in parts:
             part.shutdown()
         if owns_ray:
             ray.shutdown()
         raise
-    advantage = ray.remote(num_cpus=0.25)(AdvantageWorker).remote(
-        cfg.algorithm.advantage_estimator,
-        AdvantageStageConfig(norm_by_std=True, rollout_is_cap=cfg.algorithm.rollout_is_cap),
-    )
     a = cfg.algorithm
     run = Run(
         cfg=cfg,
@@ -434,7 +437,7 @@ def build_run(cfg: TrainConf) -> Run:
         faults=Faults([FaultSpec.parse(text) for text in cfg.trainer.fault_inject], cfg.trainer.max_restarts),
         owns_ray=owns_ray,
     )
-    for kind, group in (("rollout", rollout), ("learner", learner), ("reward", reward)):
+    for kind, group in (("rollout", rollout), ("learner", learner), ("reward", reward), ("advantage", advantage)):
         run.faults.attach(kind, group)
     # a restarted engine gets the learner's current weights (the learner of the moment: it may be replaced)
     rollout.recover_weights = run.recover_weights

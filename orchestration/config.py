@@ -381,15 +381,16 @@ class TrainerConf:
     (or a resume) continues from the newest checkpoint or snapshot, so it replays fewer steps; 0 = none (a
     learner restart then replays up to save_every − 1 steps)."""
     max_restarts: int = 3
-    """Restarts of lost workers allowed: per call for rollout engines and reward actors (a generation, a weight
-    update, a scoring batch), per step for the learner group (its replays included). One more loss ends the
-    run with an error naming the worker, the step, the phase and the last error; 0 = any lost worker ends it."""
+    """Restarts of lost workers allowed: per call for rollout engines, reward actors and the advantage actor (a
+    generation, a weight update, a scoring batch, an advantage computation), per step for the learner group
+    (its replays included). One more loss ends the run with an error naming the worker, the step, the phase
+    and the last error; 0 = any lost worker ends it."""
     fault_inject: list[str] = field(default_factory=list)
     """Faults to inject, for tests and drills: each "KIND:INDEX@STEP:PHASE[:always]" SIGKILLs the process of
-    that worker (rollout | learner | reward, from 0) at that step (from 0) right after the phase's calls are
-    submitted, once (or on every attempt with :always). Phases: rollout generate | update_weights; learner
-    compute_log_probs | update | weight_buckets | save_checkpoint | export_hf; reward score
-    (orchestration/faults.py). Empty = none."""
+    that worker (rollout | learner | reward | advantage, from 0) at that step (from 0) right after the phase's
+    calls are submitted (the advantage actor: just before), once (or on every attempt with :always). Phases:
+    rollout generate | update_weights; learner compute_log_probs | update | weight_buckets | save_checkpoint |
+    export_hf; reward score; advantage compute (orchestration/faults.py). Empty = none."""
 
     def __post_init__(self) -> None:
         _positive(self.total_steps, "trainer.total_steps")
@@ -507,7 +508,12 @@ def validate(cfg: TrainConf) -> None:
             f"the placement needs {needed:g} GPUs (learner.world_size × learner.num_gpus_per_rank + "
             f"rollout.num_workers × rollout.num_gpus_per_worker) but this machine has {have}",
         )
-    workers = {"rollout": cfg.rollout.num_workers, "learner": cfg.learner.world_size, "reward": cfg.reward.num_workers}
+    workers = {
+        "rollout": cfg.rollout.num_workers,
+        "learner": cfg.learner.world_size,
+        "reward": cfg.reward.num_workers,
+        "advantage": 1,
+    }
     for text in cfg.trainer.fault_inject:
         spec = FaultSpec.parse(text)
         _check(

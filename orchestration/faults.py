@@ -3,7 +3,8 @@
 Who recovers what (README "Reliability"): a lost rollout engine is restarted by its group and only its shard
 regenerated (rollout/group.py); a lost reward actor is replaced and only its shard re-scored (reward/group.py);
 a failed learner group is rebuilt and the run replayed from its newest restore point (`recover_learner` in
-orchestration/steps.py). `Faults` is the driver's record of all of them: every restart is printed with its
+orchestration/steps.py); a lost advantage actor is replaced and its call submitted again
+(advantage/group.py). `Faults` is the driver's record of all of them: every restart is printed with its
 cause and counted in the metrics (`fault/*`), and a learner step that fails more than `trainer.max_restarts`
 times ends the run (`RestartBudgetError`).
 
@@ -11,18 +12,20 @@ Fault injection (`trainer.fault_inject`, for tests and drills), one string per f
 
     KIND:INDEX@STEP:PHASE[:always]
 
-    KIND    rollout | learner | reward
-    INDEX   which worker: rollout worker, learner rank or reward worker, from 0
+    KIND    rollout | learner | reward | advantage
+    INDEX   which worker: rollout worker, learner rank or reward worker, from 0 (the advantage actor: 0)
     STEP    the training step, from 0 (as `step` in metrics.jsonl)
     PHASE   rollout: generate | update_weights
             learner: compute_log_probs | update | weight_buckets | save_checkpoint | export_hf
             reward:  score
+            advantage: compute
     always  kill on every attempt (the run must then end with the bounded error); without it, once
 
 e.g. `trainer.fault_inject=[rollout:0@1:generate,learner:1@2:update]`. The worker's process gets a real
 SIGKILL right after the phase's remote calls are submitted (generate covers the evaluation's generation of
-that step too): `os.kill` from the driver when the worker runs on the driver's node, otherwise a Ray task
-pinned to its node kills it. Only the run's own actors are ever killed, by their process ids.
+that step too), the advantage actor's just before its call (which takes milliseconds: a kill sent after it
+would race with its result): `os.kill` from the driver when the worker runs on the driver's node, otherwise
+a Ray task pinned to its node kills it. Only the run's own actors are ever killed, by their process ids.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ PHASES = {
     "rollout": ("generate", "update_weights"),
     "learner": ("compute_log_probs", "update", "weight_buckets", "save_checkpoint", "export_hf"),
     "reward": ("score",),
+    "advantage": ("compute",),
 }
 """The phases a fault can be injected in, per kind of worker (the calls that submit work to it)."""
 GRAMMAR = "KIND:INDEX@STEP:PHASE[:always] (e.g. rollout:0@1:generate, learner:1@2:update:always)"
@@ -106,7 +110,7 @@ class Faults:
         self.specs = specs
         self.max_restarts = max_restarts
         self.step = 0
-        self.restarts = Counter({"rollout": 0, "learner": 0, "reward": 0})
+        self.restarts = Counter({"rollout": 0, "learner": 0, "reward": 0, "advantage": 0})
         self.replayed_steps = 0
         self.recovery_seconds = 0.0
         self.events: list[dict[str, Any]] = []
@@ -166,6 +170,7 @@ class Faults:
             "fault/rollout_restarts": float(self.restarts["rollout"]),
             "fault/learner_restarts": float(self.restarts["learner"]),
             "fault/reward_restarts": float(self.restarts["reward"]),
+            "fault/advantage_restarts": float(self.restarts["advantage"]),
             "fault/replayed_steps": float(self.replayed_steps),
             "fault/recovery_seconds": self.recovery_seconds,
         }

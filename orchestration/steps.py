@@ -161,7 +161,7 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
 
 
 def compute_advantages(run: Run, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
-    return ray.get(run.advantage.compute.remote(batch), timeout=600)
+    return run.advantage.compute(batch)
 
 
 def learner_metrics(per_mini_batch: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Fault handling without Ray: the injection grammar and its config key, the learner restart budget, restore
 points (checkpoints and snapshots of this run only), the metrics logger's wandb de-duplication of replayed
 steps, and the start-up checks (preflight). The real kills are in tests/test_train_e2e.py,
-tests/test_rollout_ray.py, tests/test_learner_ray.py and tests/test_reward_service.py."""
+tests/test_rollout_ray.py, tests/test_learner_ray.py, tests/test_reward_service.py and
+tests/test_advantage_service.py."""
 
 import json
 import os
@@ -21,6 +22,7 @@ from rollout.tiny import build_tiny_model
 def test_fault_specs_parse_and_bad_ones_say_the_grammar():
     assert FaultSpec.parse("rollout:0@2:generate") == FaultSpec("rollout", 0, 2, "generate", False)
     assert FaultSpec.parse(" learner:1@3:update:always ") == FaultSpec("learner", 1, 3, "update", True)
+    assert FaultSpec.parse("advantage:0@1:compute") == FaultSpec("advantage", 0, 1, "compute", False)
     for bad, match in [
         ("rollout0@2:generate", "is not KIND:INDEX@STEP:PHASE"),
         ("trainer:0@2:generate", "kind must be one of"),
@@ -39,6 +41,8 @@ def test_fault_inject_and_max_restarts_are_checked_naming_the_key():
         load_config("trainer.fault_inject=[gpu:0@1:generate]")
     with pytest.raises(ConfigError, match=r"trainer\.fault_inject: .*targets learner 2 .* 2 learner worker"):
         load_config("trainer.fault_inject=[learner:2@0:update]")
+    with pytest.raises(ConfigError, match=r"trainer\.fault_inject: .*targets advantage 1 .* 1 advantage worker"):
+        load_config("trainer.fault_inject=[advantage:1@0:compute]")
     with pytest.raises(ConfigError, match=r"trainer\.max_restarts"):
         load_config("trainer.max_restarts=-1")
 

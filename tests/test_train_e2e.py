@@ -146,14 +146,14 @@ def final_weights(output_dir):
 @pytest.mark.vllm
 def test_killed_workers_are_replaced_and_the_run_ends_as_if_nothing_happened(tmp_path, tiny_dir, full):
     """SIGKILLs (by pid) of a reward actor mid-scoring at step 0, a learner rank mid-update at step 1 (no
-    checkpoint yet: a new learner group from the start, step 0 replayed) and the rollout engine
-    mid-generation at step 2: every step completes, fault/* counts the restarts, and the metrics and final
-    weights equal the undisturbed run's; wandb got every step once."""
+    checkpoint yet: a new learner group from the start, step 0 replayed), the rollout engine mid-generation
+    and the advantage actor at step 2: every step completes, fault/* counts the restarts, and the metrics and
+    final weights equal the undisturbed run's; wandb got every step once."""
     import torch
     from wandb_records import logged_steps
 
     faulted = tmp_path / "faulted"
-    kills = "trainer.fault_inject=[reward:1@0:score,learner:1@1:update,rollout:0@2:generate]"
+    kills = "trainer.fault_inject=[reward:1@0:score,learner:1@1:update,rollout:0@2:generate,advantage:0@2:compute]"
     run_train(faulted, tiny_dir, "trainer.total_steps=3", "trainer.save_every=2", kills)
     rows = metrics(faulted)
     assert [row["step"] for row in rows] == [0, 1, 2]
@@ -162,8 +162,8 @@ def test_killed_workers_are_replaced_and_the_run_ends_as_if_nothing_happened(tmp
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
     last = json.loads((faulted / "metrics.jsonl").read_text().splitlines()[-1])
-    counts = {k: last[f"fault/{k}"] for k in ("rollout_restarts", "learner_restarts", "reward_restarts")}
-    assert counts == {"rollout_restarts": 1, "learner_restarts": 1, "reward_restarts": 1}
+    kinds = ("rollout", "learner", "reward", "advantage")
+    assert {kind: last[f"fault/{kind}_restarts"] for kind in kinds} == dict.fromkeys(kinds, 1)
     assert last["fault/replayed_steps"] == 1 and last["fault/recovery_seconds"] > 0
     log = (tmp_path / "faulted.log").read_text()
     recoveries = re.findall(r"fault: (\w+) \d+ lost at step (\d+) in (\w+) .*continuing ([\d.]+) s after", log)
@@ -172,6 +172,7 @@ def test_killed_workers_are_replaced_and_the_run_ends_as_if_nothing_happened(tmp
         ("reward", "0", "score"),
         ("learner", "1", "update"),
         ("rollout", "2", "generate"),
+        ("advantage", "2", "compute"),
     ]
     assert "fault: learner restored from the start of the run; replaying from step 0" in log
 
