@@ -37,7 +37,7 @@ import gc
 import logging
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -232,11 +232,19 @@ class PrefixCacheResetFilter(logging.Filter):
         return record.msg != PREFIX_CACHE_RESET
 
 
+def add_filter_once(logger_name: str, filter_type: type[logging.Filter], make: Callable[[], logging.Filter]) -> None:
+    """Add `make()` to the logger `logger_name` unless it already has a filter of `filter_type` (once per
+    process; `make` is only called when the filter is added)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, filter_type) for f in logger.filters):
+        logger.addFilter(make())
+
+
 def install_reload_filter(model: torch.nn.Module) -> None:
     """Add DerivedBufferReloadFilter for `model` to vLLM's reload logger (once per process)."""
-    logger = logging.getLogger(RELOAD_LOGGER)
-    if not any(isinstance(f, DerivedBufferReloadFilter) for f in logger.filters):
-        logger.addFilter(DerivedBufferReloadFilter(derived_buffer_layers(model)))
+    add_filter_once(
+        RELOAD_LOGGER, DerivedBufferReloadFilter, lambda: DerivedBufferReloadFilter(derived_buffer_layers(model))
+    )
 
 
 # Functions run on vLLM's worker(s) through collective_rpc (module-level so they pickle by reference when
@@ -334,9 +342,7 @@ class VLLMEngine:
             **engine_kwargs,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        cache_logger = logging.getLogger(PREFIX_CACHE_LOGGER)
-        if not any(isinstance(f, PrefixCacheResetFilter) for f in cache_logger.filters):
-            cache_logger.addFilter(PrefixCacheResetFilter())
+        add_filter_once(PREFIX_CACHE_LOGGER, PrefixCacheResetFilter, PrefixCacheResetFilter)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
         self._update_active = False
