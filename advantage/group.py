@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from advantage.batch import RolloutBatch
+from advantage.registry import ADVANTAGE_ESTIMATORS
 from advantage.stage import AdvantageStageConfig, AdvantageWorker
 
 
@@ -60,7 +61,7 @@ class AdvantageService:
 
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
-        AdvantageWorker(estimator_name, config)  # an unknown estimator fails here, in the driver
+        ADVANTAGE_ESTIMATORS.get(estimator_name)  # an unknown estimator fails here, in the driver
         self.call_timeout_s = call_timeout_s
         self.max_restarts = max_restarts
         self.restarts = 0
@@ -87,7 +88,7 @@ class AdvantageService:
                 lost_at = time.monotonic()
                 dead = isinstance(err, ray.exceptions.RayActorError)
                 cause = f"died: {err}" if dead else f"gave no result within {self.call_timeout_s:g} s"
-                self.replace()
+                self._replace()
                 if len(lost) == self.max_restarts:
                     budget = f" ({len(lost)} restart(s) in this call, max_restarts={self.max_restarts})"
                     raise AdvantageWorkerError(f"the advantage actor {cause}{budget}") from err
@@ -98,7 +99,7 @@ class AdvantageService:
                     self.on_restart(0, "compute", cause, lost_at)
             return result
 
-    def replace(self) -> None:
+    def _replace(self) -> None:
         """Kill the actor (dead or stuck) and start a fresh one with the same arguments."""
         import ray
 
