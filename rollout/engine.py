@@ -33,10 +33,13 @@ fails on the CPU backend.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import pathlib
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -232,6 +235,54 @@ class PrefixCacheResetFilter(logging.Filter):
         return record.msg != PREFIX_CACHE_RESET
 
 
+CPU_WORKER_LOGGER = "vllm.v1.worker.cpu_worker"
+SKIPPED_SET_NUM_THREADS = "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding"
+
+
+class SkippedSetNumThreadsFilter(logging.Filter):
+    """Drops vLLM's CPU warning "CPU backend doesn't allow to use `torch.set_num_threads` after the thread
+    binding, skip it". The CPU worker binds its threads, then replaces torch.set_num_threads (for the whole
+    process, as the engine runs in-process here) by a function that only logs that line, and vLLM itself then
+    calls it four times per engine start (traced: the worker's `set_torch_threads_for_runtime` in load_model, and
+    the renderer warm-up entering and leaving `set_default_torch_num_threads` twice): nothing of ours, nothing to
+    act on. Any other message of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(SKIPPED_SET_NUM_THREADS)
+
+
+NUMA_MEMBIND_NOTICE = b"NUMA binding: Using MEMBIND policy"
+
+
+@contextlib.contextmanager
+def drop_stderr_lines(markers: Sequence[bytes]) -> Iterator[None]:
+    """While active, lines written to this process's stderr file descriptor (by C++ code too, which Python's
+    logging and warnings filters never see) that contain one of `markers` are dropped; every other line passes
+    through unchanged and in order. Used around a CPU engine's start, whose C++ extension prints a NUMA notice
+    (`NUMA_MEMBIND_NOTICE`) straight to stderr. A child process started meanwhile keeps the filtered stream."""
+    sys.stderr.flush()
+    restore, forward_to = os.dup(2), os.dup(2)  # fd 2 to put back, and the forwarder's own copy of it
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe, os.fdopen(forward_to, "wb", buffering=0) as out:
+            for line in pipe:  # until every writer (fd 2 here, and any child that inherited it) has closed it
+                if not any(marker in line for marker in markers):
+                    out.write(line)
+
+    forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(restore, 2)  # the pipe's write end held by fd 2 closes: the forwarder reaches the end
+        os.close(restore)
+        forwarder.join(timeout=5)  # a child process holding the pipe keeps it open: it keeps forwarding
+
+
 def add_filter_once(logger_name: str, filter_type: type[logging.Filter], make: Callable[[], logging.Filter]) -> None:
     """Add `make()` to the logger `logger_name` unless it already has a filter of `filter_type` (once per
     process; `make` is only called when the filter is added)."""
@@ -331,16 +382,21 @@ class VLLMEngine:
             context = max_model_len or text_config.max_position_embeddings
             engine_kwargs["enable_chunked_prefill"] = False
             engine_kwargs.setdefault("max_num_batched_tokens", max(context, 8192))
-        self.llm = LLM(
-            model=self.model_path,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-            logprobs_mode=logprobs_mode,
-            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
-            **engine_kwargs,
-        )
+        quiet = contextlib.nullcontext()
+        if on_cpu:  # vLLM's CPU start-up notices, which need nothing from the user (see the two filters)
+            add_filter_once(CPU_WORKER_LOGGER, SkippedSetNumThreadsFilter, SkippedSetNumThreadsFilter)
+            quiet = drop_stderr_lines([NUMA_MEMBIND_NOTICE])
+        with quiet:
+            self.llm = LLM(
+                model=self.model_path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                tensor_parallel_size=tensor_parallel_size,
+                seed=seed,
+                logprobs_mode=logprobs_mode,
+                enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                **engine_kwargs,
+            )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         add_filter_once(PREFIX_CACHE_LOGGER, PrefixCacheResetFilter, PrefixCacheResetFilter)
         pad = self.tokenizer.pad_token_id

@@ -5,12 +5,15 @@ failing rank.
 One Ray cluster and one learner group for the module (tests run in file order; the last one breaks the group).
 """
 
+import copy
 import time
+from dataclasses import replace
 
 import pytest
 import ray
 import torch
 import torch.distributed as dist
+from float64_checks import Run, check_first_step, check_sample_log_probs, check_second_step
 from safetensors.torch import load_file
 
 from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
@@ -18,6 +21,7 @@ from learner.distributed import free_port, init_distributed
 from learner.group import LearnerGroup, LearnerRankError
 from learner.synthetic import random_batch
 from learner.worker import LearnerWorker
+from rollout.reference import load_reference_model
 from rollout.tiny import VOCAB_SIZE, build_tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -54,46 +58,38 @@ def group(model_dir, ray_cluster):
     group.shutdown()
 
 
-def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)
-    norm = sum(float(b[k].double().square().sum()) for k in b)
-    return (diff / norm) ** 0.5
-
-
+@pytest.mark.filterwarnings("ignore:FIPO with one mini-batch")  # two update calls of one mini-batch each
 def test_two_ranks_update_like_one(group, model_dir):
-    """Same data, world size 2 (Ray, gloo) vs 1 (in-process): same log-probs, gradients and parameters, so
-    the loss is normalised by the global token count and rank gradients are summed, not averaged."""
+    """Same data, world size 2 (Ray, gloo) vs 1 (in-process): both against an independent float64 computation
+    with float32 rounding bounds (tests/float64_checks.py says which and why), so the loss is normalised by the
+    global token count, rank gradients are summed, not averaged, and every weight difference after the first
+    step is the gradient's rounding amplified by AdamW's 1 / (|g| + ε), not a different update."""
     batch = random_batch(16, vocab_size=VOCAB_SIZE, seed=21)  # two mini-batches of 8 → 4 rows per rank
-    old_two = group.compute_log_probs(batch)
-    two = group.update(batch.replace(old_log_probs=old_two))
-    state_two = group.full_state_dict(optimizer=True)
+    first, rest = batch.select(slice(0, 8)), batch.select(slice(8, None))
+    config = make_config(model_dir)
 
+    def run(learner) -> Run:
+        old = learner.compute_log_probs(batch)
+        metrics = learner.update(first.replace(old_log_probs=old[:8]))
+        after_first = copy.deepcopy(learner.full_state_dict(optimizer=True))  # in-process: live tensors
+        metrics += learner.update(rest.replace(old_log_probs=old[8:]))
+        return Run(old, metrics, after_first, learner.full_state_dict(optimizer=True))
+
+    start = group.full_state_dict()["model"]
+    runs = {"two": run(group)}
     created = not dist.is_initialized()
     if created:
         init_distributed(0, 1, "127.0.0.1", free_port(), timeout_s=60)
     try:
-        single = LearnerWorker(make_config(model_dir))
-        old_one = single.compute_log_probs(batch)
-        one = single.update(batch.replace(old_log_probs=old_one))
-        state_one = single.full_state_dict(optimizer=True)
+        runs["one"] = run(LearnerWorker(config))
     finally:
         if created:
             dist.destroy_process_group()
-
-    torch.testing.assert_close(old_two, old_one, rtol=0, atol=1e-6)
-    assert len(two) == len(one) == 2
-    for m2, m1 in zip(two, one):
-        for key in ("learner/loss", "learner/grad_norm", "learner/response_tokens", "learner/entropy"):
-            assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
-        assert m2["learner/lr"] == m1["learner/lr"]
+    check_first_step(model_dir, first, config, start, runs)
+    check_second_step(model_dir, rest, runs)
+    two = runs["two"].metrics
     assert two[0]["learner/ppo_kl"] == 0.0 and two[0]["learner/influence_weights_max"] == 1.0  # Δ ≡ 0, f ≡ 1
     assert two[1]["learner/influence_weights_max"] > 1.0  # FIPO active on the second mini-batch
-    assert rel_err(state_two["model"], state_one["model"]) < 1e-5
-    for moment in ("exp_avg", "exp_avg_sq"):
-        a = {k: v[moment] for k, v in state_two["optimizer"]["state"].items()}
-        b = {k: v[moment] for k, v in state_one["optimizer"]["state"].items()}
-        assert rel_err(a, b) < 1e-5, moment
 
 
 def test_sharded_checkpoint_restore_repeats_the_update_exactly(group, tmp_path):
@@ -184,11 +180,16 @@ def test_rollout_engine_log_probs_equal_the_learner_after_a_broadcast(group, mod
 
         report = push_weights(group, rollout, policy_version=1, bucket_bytes=64 << 10)
         assert report["weight_sync/num_buckets"] > 1 and report["weight_sync/bytes"] > 0
-        after = samples_to_batch(rollout.generate(prompts, sampling), pad_token_id=256)
+        samples = rollout.generate(prompts, sampling)
+        after = samples_to_batch(samples, pad_token_id=256)
         assert after.policy_version == 1
         learner_after = group.compute_log_probs(after)
-        gap = float(((learner_after - after.rollout_log_probs).abs() * after.response_mask).max())
-        assert gap <= 1e-4
+    # the engine's log-probs and the learner's, each within float32 rounding of a float64 forward of the
+    # learner's weights (tests/float64_checks.py): the engine serves exactly the pushed weights
+    trained = load_reference_model(model_dir, group.full_state_dict()["model"])
+    check_sample_log_probs(trained, samples)
+    learner = [replace(s, log_probs=learner_after[i, : len(s.response_ids)]) for i, s in enumerate(samples)]
+    check_sample_log_probs(trained, learner)
 
 
 def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):

@@ -2,6 +2,7 @@
 
 import math
 
+import fp_bounds as fp
 import pytest
 import torch
 
@@ -89,7 +90,8 @@ def test_advantages_skip_invalid_samples_and_report_mismatch():
     assert out.advantages[1, :4].tolist() == pytest.approx([-a] * 4)
     assert out.advantages[2].abs().sum() == 0 and not out.response_mask[2].any()
     assert metrics["mismatch/abs_log_prob_diff_mean"].item() == pytest.approx(0.1)  # 0.2 on 4 of 8 tokens
-    assert metrics["mismatch/kl_k3"].item() == pytest.approx((math.exp(-0.2) + 0.2 - 1) / 2, rel=1e-5)
+    k3, k3_bound = math.exp(-0.2) + 0.2 - 1, fp.k3_error(-0.2)  # e^x − x − 1 cancels: its float32 bound
+    assert metrics["mismatch/kl_k3"].item() == pytest.approx(k3 / 2, abs=k3_bound / 2 + fp.gamma(8) * k3)
     m = rollout_metrics(batch, max_response_tokens=4)  # on the generated batch, before masks are cleared
     assert m["reward/status_timeout"] == 1 and m["reward/accuracy"] == 0.5 and m["rollout/overlong_frac"] == 1.0
     # ratio π_old / π_rollout = e^-0.2 on 4 tokens, 1 on 4: quantiles by hand (torch's linear interpolation)

@@ -1,11 +1,18 @@
 """Small pure pieces of the rollout package: padding into a RolloutBatch, weight buckets, prompt sharding."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from rollout.engine import iter_buckets
 from rollout.group import shard_prompts
 from rollout.types import Sample, SamplingConfig, samples_to_batch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_iter_buckets_respects_the_byte_budget():
@@ -52,3 +59,23 @@ def test_sampling_config_seeds_and_validation():
     for bad in ({"top_p": 0.0}, {"top_k": -1}, {"max_tokens": 0}, {"n": 0}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def test_drop_stderr_lines_filters_the_file_descriptor_and_keeps_the_rest_in_order():
+    """What C++ code writes straight to fd 2 (as vLLM's CPU extension does its NUMA notice) is filtered by
+    marker; every other line, Python's included, passes in order, and fd 2 is the original stream afterwards."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from rollout.engine import NUMA_MEMBIND_NOTICE, drop_stderr_lines
+        with drop_stderr_lines([NUMA_MEMBIND_NOTICE]):
+            os.write(2, b"first\\n")
+            os.write(2, b"[W utils.cpp:68] Warning: " + NUMA_MEMBIND_NOTICE + b" for memory allocation (0).\\n")
+            print("second", file=sys.stderr, flush=True)
+            os.write(2, b"unterminated")
+        os.write(2, b"\\nafter\\n")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode() == "first\nsecond\nunterminated\nafter\n"
