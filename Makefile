@@ -44,7 +44,7 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 # The CPU benchmarks (bench/gpu_suite.py is the GPU measurement suite: see bench/RESULTS.md).
-BENCHES := future_kl rollout reward learner weight_sync pipeline
+BENCHES := future_kl rollout reward learner weight_sync pipeline plan
 bench: setup
 	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(PY) -m bench.$$b || exit 1; done
 

@@ -79,7 +79,7 @@ def _non_persistent_buffers(model: torch.nn.Module) -> list[str]:
     )
 
 
-def load_fsdp_model(
+def build_fsdp_model(
     model_dir: str,
     mesh,
     device: torch.device,
@@ -88,9 +88,11 @@ def load_fsdp_model(
     trainable: bool,
     activation_checkpointing: bool = False,
 ) -> torch.nn.Module:
-    """The model of `model_dir`, float32 master weights sharded with FSDP2 over `mesh`, on `device`; loaded as
-    the module docstring says. Dropout is off (eval mode): the ratio π_θ / π_old must compare deterministic
-    forward passes. The model gains a method `response_log_probs` (see `response_log_probs` below)."""
+    """Step 1 of loading (module docstring): the model of `model_dir`'s config.json, float32 master weights
+    sharded with FSDP2 over `mesh` and allocated on `device`, values NOT loaded (uninitialised). Dropout is off
+    (eval mode): the ratio π_θ / π_old must compare deterministic forward passes. The model gains a method
+    `response_log_probs` (see `response_log_probs` below). Also what the memory planner (orchestration/plan.py)
+    runs, on fake tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register_packed_attention()
@@ -110,7 +112,28 @@ def load_fsdp_model(
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     model.to_empty(device=device)
+    model.response_log_probs = types.MethodType(response_log_probs, model)
+    register_fsdp_forward_method(model, "response_log_probs")
+    return model
 
+
+def load_fsdp_model(
+    model_dir: str,
+    mesh,
+    device: torch.device,
+    *,
+    param_dtype: str,
+    trainable: bool,
+    activation_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """`build_fsdp_model`, then the checkpoint's weights and buffers loaded into it (steps 2-3 of the module
+    docstring). Every rank must call it at the same time (collectives)."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_fsdp_model(
+        model_dir, mesh, device, param_dtype=param_dtype, trainable=trainable,
+        activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
     source = None
     if dist.get_rank() == 0:  # in the checkpoint's dtype: each tensor becomes float32 as it is copied into a shard
         source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir))
@@ -123,9 +146,6 @@ def load_fsdp_model(
                 buffer.copy_(source.get_buffer(name))
             dist.broadcast(buffer, src=0)
     del source
-
-    model.response_log_probs = types.MethodType(response_log_probs, model)
-    register_fsdp_forward_method(model, "response_log_probs")
     return model
 
 

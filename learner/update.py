@@ -93,21 +93,11 @@ class MiniBatchWork:
     """False when the normalizer is 0 (no token in the loss): the step is skipped."""
 
 
-def train_mini_batch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    work: MiniBatchWork,
-    *,
-    policy_loss,
-    loss_config,
-    world_size: int,
-    grad_clip: float | None,
-    lr: float,
-    chunk_tokens: int,
-) -> tuple[dict[str, float], bool]:
-    """Forward, loss and backward of every micro-batch of `work`, then clip and (unless skipped) one AdamW step
-    at learning rate `lr`. Returns (metrics, stepped); metrics as `MetricAccumulator.reduce`."""
-    optimizer.zero_grad(set_to_none=True)
+def backward_micro_batches(
+    model: torch.nn.Module, work: MiniBatchWork, *, policy_loss, loss_config, world_size: int, chunk_tokens: int
+) -> MetricAccumulator:
+    """Forward, loss and backward of every micro-batch of `work`, gradients summed in `.grad` (the caller zeroes
+    them first); returns the micro-batches' metrics, not yet reduced over ranks."""
     acc = MetricAccumulator(work.normalizer.device)
     for inputs, loss_inputs in zip(work.inputs, work.loss_inputs):
         log_probs, entropy = model.response_log_probs(inputs, chunk_tokens=chunk_tokens, with_entropy=True)
@@ -126,13 +116,37 @@ def train_mini_batch(
         entropy_sum = torch.where(loss_inputs.loss_mask, entropy, 0.0).sum()
         acc.add(loss_metrics, entropy_sum, loss_inputs.num_loss_tokens)
         del log_probs, entropy, loss
+    return acc
 
+
+def clip_gradients(model: torch.nn.Module, grad_clip: float | None) -> torch.Tensor:
+    """Clip the global gradient norm to `grad_clip` (None: no clipping); returns the norm before clipping (a
+    0-d device tensor, the full norm over all ranks)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), max_norm=math.inf if grad_clip is None else grad_clip
     )
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
-    metrics = acc.reduce(grad_norm, work.num_loss_tokens)
+    return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+
+def train_mini_batch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    work: MiniBatchWork,
+    *,
+    policy_loss,
+    loss_config,
+    world_size: int,
+    grad_clip: float | None,
+    lr: float,
+    chunk_tokens: int,
+) -> tuple[dict[str, float], bool]:
+    """Forward, loss and backward of every micro-batch of `work`, then clip and (unless skipped) one AdamW step
+    at learning rate `lr`. Returns (metrics, stepped); metrics as `MetricAccumulator.reduce`."""
+    optimizer.zero_grad(set_to_none=True)
+    acc = backward_micro_batches(
+        model, work, policy_loss=policy_loss, loss_config=loss_config, world_size=world_size, chunk_tokens=chunk_tokens
+    )
+    metrics = acc.reduce(clip_gradients(model, grad_clip), work.num_loss_tokens)
     stepped = math.isfinite(metrics["learner/grad_norm"]) and work.has_loss
     if stepped:
         for group in optimizer.param_groups:

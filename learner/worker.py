@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -49,9 +50,9 @@ from learner.batching import (
     prompt_keys_of,
     to_device,
 )
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, OptimizerConfig
 from learner.distributed import learner_device
-from learner.model import checkpoint_dtype, load_fsdp_model
+from learner.model import build_fsdp_model, checkpoint_dtype, load_fsdp_model
 from learner.update import MiniBatchWork, train_mini_batch
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -65,7 +66,9 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 class LearnerWorker:
     """One rank of the learner (see the module docstring). Construct on every rank at the same time."""
 
-    def __init__(self, config: LearnerConfig) -> None:
+    def __init__(self, config: LearnerConfig, *, load_weights: bool = True) -> None:
+        """`load_weights=False` builds the sharded model without reading the checkpoint (its values are
+        uninitialised): what the memory planner runs on fake tensors (orchestration/plan.py)."""
         if not dist.is_initialized():
             raise RuntimeError("LearnerWorker needs torch.distributed initialised (learner.distributed)")
         self.config = config
@@ -73,25 +76,17 @@ class LearnerWorker:
         self.world_size = dist.get_world_size()
         self.device = learner_device()
         torch.manual_seed(config.seed + self.rank)
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        with unset_fake_temporarily():  # the mesh holds real rank ids, also under the planner's fake tensors
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         load = dict(mesh=self.mesh, device=self.device, param_dtype=config.param_dtype)
-        self.model = load_fsdp_model(
+        build = load_fsdp_model if load_weights else build_fsdp_model
+        self.model = build(
             config.model_dir, **load, trainable=True, activation_checkpointing=config.activation_checkpointing
         )
         self.ref_model = None
         if config.uses_reference:
-            self.ref_model = load_fsdp_model(config.ref_model_dir or config.model_dir, **load, trainable=False)
-        opt = config.optimizer
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=opt.lr,
-            betas=opt.betas,
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-            # CUDA: the fused kernel, which needs no parameter-sized temporaries (foreach's would hold another
-            # float32 copy of this rank's parameters during the step); the CPU keeps the default
-            fused=True if self.device.type == "cuda" else None,
-        )
+            self.ref_model = build(config.ref_model_dir or config.model_dir, **load, trainable=False)
+        self.optimizer = make_optimizer(self.model, config.optimizer, self.device.type)
         self.policy_loss = POLICY_LOSSES.get(config.policy_loss)
         self._source_dtype = checkpoint_dtype(config.model_dir)
         self.optimizer_steps = 0
@@ -178,21 +173,25 @@ class LearnerWorker:
         mask = loss_mask(batch)
         return [self._update_mini_batch(batch, mask, plan, m) for m in range(plan.num_mini_batches)]
 
-    def _update_mini_batch(self, batch: RolloutBatch, mask: torch.Tensor, plan: StepPlan, m: int) -> dict[str, float]:
-        start = time.perf_counter()
+    def mini_batch_work(self, batch: RolloutBatch, mask: torch.Tensor, plan: StepPlan, m: int) -> MiniBatchWork:
+        """This rank's micro-batches of mini-batch `m` of `plan`, on the device, with the global counts."""
         rows = plan.mini_batch_rows[m]
         # every rank holds the whole batch: the mini-batch's global loss denominator needs no communication
         normalizer = loss_normalizer(mask[rows.start : rows.stop], self.config.policy_loss_config.loss_agg_mode)
         inputs = self._inputs(batch, plan.micro_batches[m][self.rank])
         loss_inputs = [micro_batch_loss_inputs(batch, mask, x) for x in inputs]
         moved = to_device([*inputs, *loss_inputs, normalizer], self.device)  # one transfer per dtype
-        work = MiniBatchWork(
+        return MiniBatchWork(
             inputs=moved[: len(inputs)],
             loss_inputs=moved[len(inputs) : -1],
             normalizer=moved[-1],
             num_loss_tokens=int(mask[rows.start : rows.stop].sum()),
             has_loss=float(normalizer) > 0,
         )
+
+    def _update_mini_batch(self, batch: RolloutBatch, mask: torch.Tensor, plan: StepPlan, m: int) -> dict[str, float]:
+        start = time.perf_counter()
+        work = self.mini_batch_work(batch, mask, plan, m)
         lr = self.config.optimizer.lr * self.config.lr_schedule.lr_factor(self.optimizer_steps)
         metrics, stepped = train_mini_batch(
             self.model,
@@ -210,7 +209,7 @@ class LearnerWorker:
         metrics.update({
             "learner/lr": lr,
             "learner/skipped_step": float(not stepped),
-            "learner/num_micro_batches": float(len(inputs)),
+            "learner/num_micro_batches": float(len(work.inputs)),
             "learner/response_tokens": float(work.num_loss_tokens),
             "perf/learner_padded_fraction": 0.0 if plan.packing else 1.0 - real / max(computed, 1),
             "perf/learner_shared_prompt_frac": 1.0 - computed / max(real, 1) if plan.packing else 0.0,
@@ -370,6 +369,20 @@ class LearnerWorker:
         if self.rank != 0:
             return []
         return [(name, full[i].cpu()) for i, (name, _) in enumerate(group)]
+
+
+def make_optimizer(model: torch.nn.Module, opt: OptimizerConfig, device_type: str) -> torch.optim.AdamW:
+    """The learner's AdamW over `model`'s (sharded) parameters. CUDA: the fused kernel, which needs no
+    parameter-sized temporaries (foreach's would hold another float32 copy of this rank's parameters during the
+    step); the CPU keeps the default."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=opt.lr,
+        betas=opt.betas,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        fused=True if device_type == "cuda" else None,
+    )
 
 
 def _shard_state(state: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:

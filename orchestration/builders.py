@@ -355,6 +355,10 @@ def build_run(cfg: TrainConf) -> Run:
     """Check the config and the machine, set the run's environment, prepare model and data, start Ray and the
     actor groups (with the fault handling of orchestration/faults.py attached)."""
     sizes = check_config(cfg)
+    if cfg.cluster.check_fit and cfg.learner.num_gpus_per_rank > 0:  # GPU memory, before any actor exists
+        from orchestration.plan import check_fit
+
+        print(check_fit(cfg).render(), flush=True)
     preflight(cfg)
     run_env = apply_env(cfg.cluster.env)
     model_dir = prepare_model(cfg)

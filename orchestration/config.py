@@ -456,6 +456,16 @@ class ClusterConf:
     learner_nice: int | None = None
     """Niceness the learner ranks raise themselves to, so that the engine wins a shared core
     (null: as Ray started them, 15 like every Ray worker; never lowered)."""
+    gpu: str = "h100"
+    """The GPU every learner rank and engine runs on, for the memory plan (orchestration/plan.py): h100 (80 GB),
+    h200 (141 GB), a100-80gb or a100-40gb; its memory is what nvidia-smi reports as the total."""
+    gpu_memory_gib: float | None = None
+    """Memory per GPU, GiB; null = the named `cluster.gpu`'s."""
+    gpu_reserved_gib: float = 2.0
+    """Memory per GPU that PyTorch's allocator never sees, GiB: the CUDA context, cuBLAS and NCCL workspaces."""
+    check_fit: bool = True
+    """On a GPU cluster (learner.num_gpus_per_rank > 0), run the memory plan at start-up, before any actor is
+    created, and stop with its advice if a learner rank or an engine cannot fit; false skips it."""
 
     def __post_init__(self) -> None:
         _check(
@@ -465,6 +475,11 @@ class ClusterConf:
         )
         bad = [key for key in self.env if not key or "=" in key]
         _check(not bad, "cluster.env", f"invalid variable names {bad}")
+        from orchestration.plan import GPU_MEMORY_GIB
+
+        _one_of(self.gpu, GPU_MEMORY_GIB, "cluster.gpu")
+        _check(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "cluster.gpu_memory_gib", "must be > 0 or null")
+        _non_negative(self.gpu_reserved_gib, "cluster.gpu_reserved_gib")
         _check(
             self.learner_nice is None or 0 <= self.learner_nice <= 19,
             "cluster.learner_nice",
