@@ -8,7 +8,8 @@ without a GPU:
 * **a learner rank**: its peak measured by running the learner's own code (the model built from its
   config.json, FSDP2 over `learner.world_size` ranks, AdamW, one optimizer step over the worst micro-batch: a
   budget of `learner.micro_batch_tokens` filled with samples of `data.max_prompt_tokens` +
-  `rollout.max_response_tokens`) on fake tensors (learner/memory_plan.py), broken down at that moment: the
+  `rollout.max_response_tokens`, run after another whose gradients it holds when a rank's mini-batch takes
+  several) on fake tensors (learner/memory_plan.py), broken down at that moment: the
   float32 master shards, gradients and AdamW moments, the all-gathered layers in the compute dtype,
   activations (of which the LM head and its log-softmax), temporaries; then what the fake run cannot see, as
   named lines: FSDP2's prefetch of the next layer on a GPU, the frozen reference model (GRPO's KL), the caching
