@@ -28,8 +28,8 @@ import time
 import torch
 
 from bench.common import device_info, git_commit, print_result
+from orchestration.plan import SHAPES_DIR
 
-SHAPES_DIR = pathlib.Path(__file__).resolve().parents[1] / "conf" / "model" / "shapes"
 _QWEN = {"vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768}
 SHAPES = {
     "tiny": {**_QWEN, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,

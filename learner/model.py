@@ -1,8 +1,8 @@
 """Building the learner's model: a Hugging Face causal LM sharded with FSDP2, loaded without a full copy on
 every rank, with optional activation checkpointing and a forward that returns response-token log-probs.
 
-Loading (`load_fsdp_model`), so that host memory per rank is O(model / world size + one tensor), except on
-rank 0:
+Loading (`build_fsdp_model`, then `load_checkpoint`), so that host memory per rank is O(model / world size +
+one tensor), except on rank 0:
 1. every rank builds the model from its config on the meta device (no memory), applies activation
    checkpointing and FSDP2 (one group per decoder layer plus the root, which keeps the embeddings and the head
    together as tied embeddings need), then allocates only its own shards (`to_empty`);
@@ -91,8 +91,8 @@ def build_fsdp_model(
     """Step 1 of loading (module docstring): the model of `model_dir`'s config.json, float32 master weights
     sharded with FSDP2 over `mesh` and allocated on `device`, values NOT loaded (uninitialised). Dropout is off
     (eval mode): the ratio π_θ / π_old must compare deterministic forward passes. The model gains a method
-    `response_log_probs` (see `response_log_probs` below). Also what the memory planner (orchestration/plan.py)
-    runs, on fake tensors."""
+    `response_log_probs` (see `response_log_probs` below). Alone (no `load_checkpoint`), what the memory
+    planner (orchestration/plan.py) runs on fake tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register_packed_attention()
@@ -117,23 +117,11 @@ def build_fsdp_model(
     return model
 
 
-def load_fsdp_model(
-    model_dir: str,
-    mesh,
-    device: torch.device,
-    *,
-    param_dtype: str,
-    trainable: bool,
-    activation_checkpointing: bool = False,
-) -> torch.nn.Module:
-    """`build_fsdp_model`, then the checkpoint's weights and buffers loaded into it (steps 2-3 of the module
-    docstring). Every rank must call it at the same time (collectives)."""
+def load_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
+    """The checkpoint's weights and buffers of `model_dir`, loaded into `model` as `build_fsdp_model` made it
+    (steps 2-3 of the module docstring). Every rank must call it at the same time (collectives)."""
     from transformers import AutoModelForCausalLM
 
-    model = build_fsdp_model(
-        model_dir, mesh, device, param_dtype=param_dtype, trainable=trainable,
-        activation_checkpointing=activation_checkpointing,
-    )  # fmt: skip
     source = None
     if dist.get_rank() == 0:  # in the checkpoint's dtype: each tensor becomes float32 as it is copied into a shard
         source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir))
@@ -146,7 +134,6 @@ def load_fsdp_model(
                 buffer.copy_(source.get_buffer(name))
             dist.broadcast(buffer, src=0)
     del source
-    return model
 
 
 def response_log_probs(

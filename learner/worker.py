@@ -52,7 +52,7 @@ from learner.batching import (
 )
 from learner.config import LearnerConfig, OptimizerConfig
 from learner.distributed import learner_device
-from learner.model import build_fsdp_model, checkpoint_dtype, load_fsdp_model
+from learner.model import build_fsdp_model, checkpoint_dtype, load_checkpoint
 from learner.update import MiniBatchWork, train_mini_batch
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -78,14 +78,19 @@ class LearnerWorker:
         torch.manual_seed(config.seed + self.rank)
         with unset_fake_temporarily():  # the mesh holds real rank ids, also under the planner's fake tensors
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        load = dict(mesh=self.mesh, device=self.device, param_dtype=config.param_dtype)
-        build = load_fsdp_model if load_weights else build_fsdp_model
-        self.model = build(
-            config.model_dir, **load, trainable=True, activation_checkpointing=config.activation_checkpointing
+
+        def model_of(model_dir: str, **options) -> torch.nn.Module:
+            model = build_fsdp_model(model_dir, self.mesh, self.device, param_dtype=config.param_dtype, **options)
+            if load_weights:
+                load_checkpoint(model, model_dir)
+            return model
+
+        self.model = model_of(
+            config.model_dir, trainable=True, activation_checkpointing=config.activation_checkpointing
         )
         self.ref_model = None
         if config.uses_reference:
-            self.ref_model = build(config.ref_model_dir or config.model_dir, **load, trainable=False)
+            self.ref_model = model_of(config.ref_model_dir or config.model_dir, trainable=False)
         self.optimizer = make_optimizer(self.model, config.optimizer, self.device.type)
         self.policy_loss = POLICY_LOSSES.get(config.policy_loss)
         self._source_dtype = checkpoint_dtype(config.model_dir)

@@ -266,7 +266,8 @@ def _extrapolate(cfg, memory, usable: float, gpu: bool) -> list[str]:
     return hints
 
 
-def plan_engine(cfg, sizes, model_config, gpu_bytes: float) -> RolePlan:
+def plan_engine(cfg, sizes, model_config, params: int, gpu_bytes: float) -> RolePlan:
+    """One engine's plan; `params`: the model's parameter count (`count_parameters`)."""
     r = cfg.rollout
     tp = r.tensor_parallel_size
     dtype = (getattr(model_config, "dtype", None) or "bfloat16") if r.dtype == "auto" else r.dtype
@@ -275,12 +276,14 @@ def plan_engine(cfg, sizes, model_config, gpu_bytes: float) -> RolePlan:
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
     kv_heads = getattr(model_config, "num_key_value_heads", heads)
     kv_heads_per_gpu = max(1, math.ceil(kv_heads / tp))  # more GPUs than KV heads: vLLM replicates them
-    params = count_parameters(model_config)
-    weights = params * dtype_bytes / tp
     kv_per_token = model_config.num_hidden_layers * 2 * kv_heads_per_gpu * head_dim * dtype_bytes
     chunk = 8192  # vLLM's default max_num_batched_tokens on a GPU: one prefill chunk's activations
     h, i = model_config.hidden_size, model_config.intermediate_size
-    forward = chunk * (4 * h + 3 * i / tp) * dtype_bytes
+
+    def weights_and_forward(t: int) -> tuple[float, float]:  # per GPU at tensor parallel t
+        return params * dtype_bytes / t, chunk * (4 * h + 3 * i / t) * dtype_bytes
+
+    weights, forward = weights_and_forward(tp)
     budget = r.gpu_memory_utilization * gpu_bytes
     kv_bytes = budget - weights - forward - ENGINE_WORKSPACE_GIB * GIB
     capacity = max(int(kv_bytes // kv_per_token), 0)
@@ -312,10 +315,9 @@ def plan_engine(cfg, sizes, model_config, gpu_bytes: float) -> RolePlan:
         '("needs": weights, working memory and one longest sequence\'s KV cache, within gpu_memory_utilization)',
     ]
     if not role.fits:
-        fixed = ENGINE_WORKSPACE_GIB * GIB
         for more in (2, 4, 8):
             t = tp * more
-            if params * dtype_bytes / t + chunk * (4 * h + 3 * i / t) * dtype_bytes + fixed < budget:
+            if sum(weights_and_forward(t)) + ENGINE_WORKSPACE_GIB * GIB < budget:
                 role.advice.append(f"rollout.tensor_parallel_size={t} (and rollout.num_gpus_per_worker={t})")
                 break
         if r.gpu_memory_utilization < 0.95:
@@ -356,11 +358,11 @@ def plan(cfg) -> Plan:
 
             usable = psutil.virtual_memory().total / max(cfg.learner.world_size, 1)
             where = f"this machine's memory ({usable * cfg.learner.world_size / GIB:.1f} GiB shared by the ranks)"
+        params = count_parameters(model_config)
         learner = plan_learner(cfg, sizes, model_dir, model_config, usable, gpu)
         roles = [learner]
         if gpu or cfg.rollout.num_gpus_per_worker > 0:
-            roles.append(plan_engine(cfg, sizes, model_config, gpu_bytes))
-        params = count_parameters(model_config)
+            roles.append(plan_engine(cfg, sizes, model_config, params, gpu_bytes))
     header = (
         f"Plan: {cfg.model.path or 'the tiny model'} ({params / 1e9:.2f}B parameters), "
         f"{cfg.learner.world_size} learner rank(s), {cfg.rollout.num_workers} engine(s); on {where}\n"

@@ -104,12 +104,13 @@ def test_engine_kv_cache_by_hand():
     from transformers import AutoConfig
 
     from orchestration.builders import sizes_from_config
-    from orchestration.plan import SHAPES_DIR, plan_engine
+    from orchestration.plan import SHAPES_DIR, count_parameters, plan_engine
 
     model_config = AutoConfig.from_pretrained(SHAPES_DIR / "Qwen--Qwen2.5-32B.json")
+    params = count_parameters(model_config)
     for tp, kib in ((4, 64), (8, 32)):
         cfg = config("experiment=fipo_32b", f"rollout.tensor_parallel_size={tp}", f"rollout.num_gpus_per_worker={tp}")
-        role = plan_engine(cfg, sizes_from_config(cfg), model_config, 80 * GIB)
+        role = plan_engine(cfg, sizes_from_config(cfg), model_config, params, 80 * GIB)
         assert f"{kib} KiB per token" in role.notes[0]
         weights = next(value for label, value, _ in role.rows if label == "weights per GPU")
         assert weights == pytest.approx(32.76e9 * 2 / tp, rel=1e-3)
