@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from actors import location
 from advantage.batch import RolloutBatch
 from advantage.registry import ADVANTAGE_ESTIMATORS
 from advantage.stage import AdvantageStageConfig, AdvantageWorker
@@ -24,7 +25,10 @@ class AdvantageWorkerError(RuntimeError):
 
 
 class _RayAdvantageWorker(AdvantageWorker):
-    """AdvantageWorker plus its actor's process (for fault drills)."""
+    """AdvantageWorker plus its actor's process (for fault drills) and location (for the run's layout)."""
+
+    def location(self) -> dict:
+        return location()
 
     def process(self) -> tuple[int, str]:
         """(pid, Ray node id) of this actor's process."""
@@ -39,6 +43,8 @@ class AdvantageService:
     num_cpus:       Ray CPUs reserved for the actor (fractional values are fine).
     call_timeout_s: bound on one `compute` call; past it the actor counts as lost (stuck).
     max_restarts:   replacements allowed within one call (0: the first loss raises).
+    placement:      placement() → extra `ray.remote` options of the actor, called before it is started or
+                    replaced (it may wait, bounded, for resources and raise naming them); None: Ray's choice.
     Requires `ray.init()` to have been called.
 
     Hooks the driver may install (attributes, None by default), as on the rollout and reward groups:
@@ -56,6 +62,7 @@ class AdvantageService:
         num_cpus: float = 0.25,
         call_timeout_s: float = 600.0,
         max_restarts: int = 0,
+        placement: Callable[[], dict] | None = None,
     ) -> None:
         import ray
 
@@ -69,8 +76,9 @@ class AdvantageService:
         self.on_submit: Callable[[str, dict[int, tuple[int, str]]], None] | None = None
         self.on_restart: Callable[[int, str, str, float], None] | None = None
         self._args = (estimator_name, config)
+        self._placement = placement
         self._actor_cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(_RayAdvantageWorker)
-        self.worker = self._actor_cls.remote(*self._args)
+        self.worker = self._new_worker()
         """The actor handle (exposed for tests and monitoring)."""
 
     def compute(self, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, Any]]:
@@ -104,8 +112,18 @@ class AdvantageService:
         import ray
 
         ray.kill(self.worker)
-        self.worker = self._actor_cls.remote(*self._args)
+        self.worker = self._new_worker()
         self.restarts += 1
+
+    def _new_worker(self) -> Any:
+        options = self._placement() if self._placement is not None else {}
+        return self._actor_cls.options(**options).remote(*self._args)
+
+    def location(self, timeout_s: float = 120.0) -> dict:
+        """Where the actor runs (actors.location), waiting at most `timeout_s` for it to start."""
+        import ray
+
+        return ray.get(self.worker.location.remote(), timeout=timeout_s)
 
     def shutdown(self) -> None:
         import ray

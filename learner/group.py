@@ -28,6 +28,7 @@ from typing import Any
 import ray
 import torch
 
+from actors import location
 from advantage import RolloutBatch
 from learner.config import LearnerConfig
 from learner.distributed import free_port, init_distributed
@@ -62,16 +63,14 @@ class _LearnerActor:
     def __init__(self) -> None:
         self.worker = None
 
-    def start(self, process_setup: Callable[[], Any] | None = None) -> tuple[str, int, int, str]:
+    def start(self, process_setup: Callable[[], Any] | None = None) -> dict:
         """Run `process_setup` (if any), import the heavy modules now (so that the rendezvous in `setup` is
-        quick); return (ip, free port, this process's pid, its Ray node id)."""
-        import os
-
+        quick); return where this rank runs (actors.location: pid, node id, ip, GPU ids) and a free port."""
         if process_setup is not None:
             process_setup()
         import learner.worker  # noqa: F401
 
-        return ray.util.get_node_ip_address(), free_port(), os.getpid(), ray.get_runtime_context().get_node_id()
+        return location() | {"port": free_port()}
 
     def setup(self, config: LearnerConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
         from learner.worker import LearnerWorker
@@ -104,7 +103,9 @@ class LearnerGroup:
         num_cpus_per_rank: Ray CPUs per actor (fractions allowed; Ray sets OMP_NUM_THREADS from it).
         num_gpus_per_rank: Ray GPUs per actor (1 on a GPU cluster: NCCL is used when CUDA is visible).
         call_timeout_s: deadline of every group call, seconds (a rank that takes longer raises TimeoutError).
-        actor_options: extra `ray.remote` options (e.g. scheduling_strategy for a placement group).
+        placement: placement(rank) → extra `ray.remote` options of rank `rank` (e.g. its bundle of the learner's
+            placement group), called before the rank is started; it may wait (bounded) for the resources and
+            raise, naming them, when they do not come.
         process_setup: a picklable callable each rank's process runs first (e.g. the CPU placement of
             orchestration/placement.py).
 
@@ -120,7 +121,7 @@ class LearnerGroup:
         num_cpus_per_rank: float = 1,
         num_gpus_per_rank: float = 0,
         call_timeout_s: float = 1800.0,
-        actor_options: dict | None = None,
+        placement: Callable[[int], dict] | None = None,
         process_setup: Callable[[], Any] | None = None,
     ) -> None:
         self.config = config
@@ -131,14 +132,17 @@ class LearnerGroup:
         self.unfinished: list[ray.ObjectRef] = []
         """After a failed call: the refs of the tasks that had not finished (ranks stuck in a collective with
         a failed rank raise after the process-group timeout; `ray.get` them to see it)."""
-        remote_cls = ray.remote(_LearnerActor).options(
-            num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank, **(actor_options or {})
-        )
-        self.actors = [remote_cls.remote() for _ in range(world_size)]
+        remote_cls = ray.remote(_LearnerActor)
+        self.actors: list[Any] = []
         try:
+            for rank in range(world_size):
+                options = {"num_cpus": num_cpus_per_rank, "num_gpus": num_gpus_per_rank}
+                self.actors.append(remote_cls.options(**options, **(placement(rank) if placement else {})).remote())
             started = self._wait([a.start.remote(process_setup) for a in self.actors], "start")
-            master_addr, master_port = started[0][:2]
-            self.processes = {rank: (pid, node) for rank, (_, _, pid, node) in enumerate(started)}
+            master_addr, master_port = started[0]["ip"], started[0]["port"]
+            self.locations = [{key: where[key] for key in ("pid", "node_id", "ip", "gpu_ids")} for where in started]
+            """Where each rank runs: {"pid", "node_id", "ip", "gpu_ids"} (actors.location)."""
+            self.processes = {rank: (where["pid"], where["node_id"]) for rank, where in enumerate(started)}
             """{rank: (pid, Ray node id)} of the rank actors."""
             setups = [
                 actor.setup.remote(config, rank, world_size, master_addr, master_port)

@@ -27,8 +27,9 @@ from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.faults import Faults, FaultSpec
+from orchestration.layout import Layout, describe, record
 from orchestration.placement import place_this_process
-from orchestration.preflight import check_on_nodes, preflight
+from orchestration.preflight import check_shared, preflight
 from orchestration.sampling import OverlongShaping, RoundSizer
 from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
 from orchestration.tasks import make_rows, write_jsonl
@@ -256,6 +257,10 @@ class Run:
     """The loop's RolloutPipeline (orchestration/pipeline.py), set by orchestration.train."""
     pushed_weights: list = field(default_factory=list)
     """With trainer.max_staleness 1: the object refs of the last pushed weight buckets (see recover_weights)."""
+    layout: Layout | None = None
+    """The run's placement groups (orchestration/layout.py)."""
+    layout_info: dict = field(default_factory=dict)
+    """Where every actor started (layout.record): printed at start-up and written to run_info.json."""
     owns_ray: bool = False
     """True when build_run started (or joined) Ray itself: shutdown() then disconnects, so that the next run
     of the same process (a sweep's next member) starts with its own runtime environment."""
@@ -286,7 +291,7 @@ class Run:
         """Kill the learner group's ranks (also those stuck in a collective) and start a new group with the
         same config (the model's initial weights: restore a checkpoint into it)."""
         self.learner.shutdown()
-        self.learner = build_learner(self.cfg, self.sizes, self.model_dir)
+        self.learner = build_learner(self.cfg, self.sizes, self.model_dir, self.layout)
         self.faults.attach("learner", self.learner)
 
     def shutdown(self) -> None:
@@ -295,6 +300,8 @@ class Run:
                 part.shutdown()
             except Exception as err:  # shutting down after a failure must not hide the failure
                 log.warning("shutdown of %s failed: %s", type(part).__name__, err)
+        if self.layout is not None:
+            self.layout.remove()
         if self.owns_ray:
             ray.shutdown()
 
@@ -331,8 +338,9 @@ def check_config(cfg: TrainConf) -> DerivedSizes:
     return sizes
 
 
-def build_learner(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> LearnerGroup:
-    """The learner group (learner.*), its ranks loading `model_dir`: at the start, and after a lost rank."""
+def build_learner(cfg: TrainConf, sizes: DerivedSizes, model_dir: str, layout: Layout) -> LearnerGroup:
+    """The learner group (learner.*), its ranks loading `model_dir`, each in its bundle of the layout: at the
+    start, and after a lost rank."""
     return LearnerGroup(
         learner_config(cfg, sizes, model_dir),
         cfg.learner.world_size,
@@ -340,6 +348,7 @@ def build_learner(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Learne
         num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
         call_timeout_s=cfg.learner.timeout_s,
         process_setup=placement_setup(cpus=None, nice=cfg.cluster.learner_nice),
+        placement=layout.learner,
     )
 
 
@@ -367,7 +376,6 @@ def build_run(cfg: TrainConf) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_rows, val_rows, data_metrics = load_prompt_rows(cfg, tokenizer)
     owns_ray = init_ray(cfg, run_env)
-    check_on_nodes(model_dir, "model.path" if cfg.model.path else "model.tiny_dir / model.warm_start_dir")
     r = cfg.rollout
     engine_kwargs: dict[str, Any] = {
         "dtype": r.dtype,
@@ -378,10 +386,19 @@ def build_run(cfg: TrainConf) -> Run:
         engine_kwargs["tensor_parallel_size"] = r.tensor_parallel_size
         if r.num_gpus_per_worker > 0:
             engine_kwargs["engine_kwargs"] = {"gpu_memory_utilization": r.gpu_memory_utilization}
+        if r.tensor_parallel_size > 1:  # vLLM's own processes on the engine's GPUs; inside a placement group it
+            # would otherwise start Ray workers of its own, which the engine's bundle has no GPUs left for
+            engine_kwargs.setdefault("engine_kwargs", {})["distributed_executor_backend"] = "mp"
     elif r.dtype == "auto":
         engine_kwargs["dtype"] = "float32"
     parts: list[Any] = []
+    layout = None
     try:
+        layout = Layout(cfg)  # every bundle placed (bounded), before any actor starts
+        model_key = "model.path" if cfg.model.path else "model.tiny_dir / model.warm_start_dir"
+        check_shared(model_dir, model_key, layout.nodes(), write=False)
+        learner_nodes = {node: held for node, held in layout.nodes().items() if any("learner" in h for h in held)}
+        check_shared(cfg.trainer.output_dir, "trainer.output_dir", learner_nodes, write=True)
         rollout = RolloutGroup(
             model_dir,
             r.num_workers,
@@ -392,6 +409,7 @@ def build_run(cfg: TrainConf) -> Run:
             timeout_s=r.timeout_s,
             max_restarts=cfg.trainer.max_restarts,
             process_setup=placement_setup(cpus=cfg.cluster.rollout_cpus, nice=None),
+            placement=layout.engine,
         )
         parts.append(rollout)
         reward = RewardService(
@@ -402,7 +420,7 @@ def build_run(cfg: TrainConf) -> Run:
             max_restarts=cfg.trainer.max_restarts,
         )
         parts.append(reward)
-        learner = build_learner(cfg, sizes, model_dir)
+        learner = build_learner(cfg, sizes, model_dir, layout)
         parts.append(learner)
         advantage = AdvantageService(
             cfg.algorithm.advantage_estimator,
@@ -410,9 +428,13 @@ def build_run(cfg: TrainConf) -> Run:
             num_cpus=0.25,
             max_restarts=cfg.trainer.max_restarts,
         )
+        parts.append(advantage)
+        layout_info = record(cfg.cluster.layout, rollout, learner, reward, advantage, cfg.cluster.placement_timeout_s)
     except BaseException:
         for part in parts:
             part.shutdown()
+        if layout is not None:
+            layout.remove()
         if owns_ray:
             ray.shutdown()
         raise
@@ -439,8 +461,11 @@ def build_run(cfg: TrainConf) -> Run:
         if a.adaptive_gen_rounds and a.filter_groups
         else None,
         faults=Faults([FaultSpec.parse(text) for text in cfg.trainer.fault_inject], cfg.trainer.max_restarts),
+        layout=layout,
+        layout_info=layout_info,
         owns_ray=owns_ray,
     )
+    print(describe(layout_info), flush=True)
     for kind, group in (("rollout", rollout), ("learner", learner), ("reward", reward), ("advantage", advantage)):
         run.faults.attach(kind, group)
     # a restarted engine gets the learner's current weights (the learner of the moment: it may be replaced)

@@ -466,8 +466,21 @@ class ClusterConf:
     check_fit: bool = True
     """On a GPU cluster (learner.num_gpus_per_rank > 0), run the memory plan at start-up, before any actor is
     created, and stop with its advice if a learner rank or an engine cannot fit; false skips it."""
+    layout: str = "packed"
+    """Where the engines go relative to the learner ranks (orchestration/layout.py): packed (wherever they fit,
+    also beside learner ranks) | separate (only on nodes that hold no learner rank: learner and rollout nodes
+    disaggregated). Every engine's resources are one STRICT_PACK bundle (a tensor-parallel engine on one node)."""
+    learner_strategy: str = "PACK"
+    """Ray placement strategy of the learner's placement group (one bundle per rank): PACK (ranks share a node
+    when they fit) | SPREAD | STRICT_PACK (all on one node, or not at all) | STRICT_SPREAD (one rank per node)."""
+    placement_timeout_s: float = 180.0
+    """The longest the run waits for its actors' resources (at start-up, and after losing a node for the lost
+    actors' replacements) before it stops with an error naming the missing resources and the keys that asked."""
 
     def __post_init__(self) -> None:
+        _one_of(self.layout, ("packed", "separate"), "cluster.layout")
+        _one_of(self.learner_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "cluster.learner_strategy")
+        _positive(self.placement_timeout_s, "cluster.placement_timeout_s")
         _check(
             self.num_cpus is None or self.num_cpus >= 1,
             "cluster.num_cpus",

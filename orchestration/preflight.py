@@ -1,9 +1,10 @@
 """Start-up checks of what would otherwise fail an hour into a run, each error naming the config key.
 
 `preflight(cfg)` runs before anything expensive (model build, warm-start, Ray): the output folder is writable,
-its disk holds the checkpoints the run keeps, and a configured model path exists here. `check_on_nodes`
-runs once Ray is up: on a cluster of several nodes, every node must see the model directory (engines and
-learner ranks load it on their own node).
+its disk holds the checkpoints the run keeps, and a configured model path exists here. `check_shared` runs
+once the actors' resources are placed: on a cluster of several nodes, every node that holds a learner rank
+must see the driver's `trainer.output_dir` (the ranks write one checkpoint there together) and every node of
+an engine or a learner rank the model directory (each loads it on its own node).
 """
 
 from __future__ import annotations
@@ -96,20 +97,82 @@ def preflight(cfg: TrainConf) -> None:
         )
 
 
-def check_on_nodes(path: str, key: str) -> None:
-    """On a Ray cluster of several nodes: ConfigError naming `key` when some node cannot see `path` (every
-    engine and learner rank loads the model on its own node). One tiny task per node; nothing on one node."""
+def _probe(path: str, marker: str, token: str, write: bool) -> tuple[bool, str]:
+    """On a node: (the driver's marker `marker` under `path` holds `token`, and "" or why this node's own marker
+    could not be written). Runs as a Ray task pinned to the node."""
+    import ray
+
+    folder = Path(path)
+    try:
+        seen = (folder / marker).read_text() == token
+    except OSError:
+        seen = False
+    if not (seen and write):
+        return seen, ""
+    try:
+        (folder / f"{marker}.{ray.get_runtime_context().get_node_id()}").write_text(token)
+        return True, ""
+    except OSError as err:
+        return True, f"cannot write there: {err}"
+
+
+def check_shared(path: str, key: str, nodes: dict[str, list[str]], *, write: bool) -> None:
+    """On a Ray cluster of several nodes: ConfigError naming `key` and the node (id and IP, and what it holds)
+    when a node of `nodes` ({node id: what it holds}) does not see the folder `path` as the driver does.
+
+    The driver writes a marker file with a random token into `path`; a task pinned to each node reads it back
+    and, when `write` (the node writes there: checkpoint shards), writes a marker of its own, which the driver
+    then reads. Nothing to check when every node is the driver's."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    if len(nodes) < 2:
+    here = ray.get_runtime_context().get_node_id()
+    others = {node: held for node, held in nodes.items() if node != here}
+    if not others:
         return
-    exists = ray.remote(num_cpus=0)(lambda p: Path(p).exists())
-    refs = [
-        exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(path)
-        for node in nodes
-    ]
-    missing = [node["NodeManagerAddress"] for node, ok in zip(nodes, ray.get(refs, timeout=120)) if not ok]
-    if missing:
-        raise ConfigError(f"{key}: {path} is missing on the node(s) {missing}; put it on storage every node sees")
+    folder = Path(path).resolve()
+    token, marker = uuid.uuid4().hex, f".shared_check_{uuid.uuid4().hex[:8]}"
+    driver_marker = folder / marker
+    try:
+        driver_marker.write_text(token)
+    except OSError as err:
+        if write:
+            raise ConfigError(f"{key}: {folder} is not writable from the driver: {err}") from err
+        driver_marker = None  # a read-only model folder: check that it exists on every node instead
+    probe = ray.remote(num_cpus=0)(_probe if driver_marker else lambda p, *_: (Path(p).exists(), ""))
+    refs = {
+        node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            str(folder), marker, token, write
+        )
+        for node in others
+    }
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    problems = []
+    try:
+        for node, ref in refs.items():
+            seen, error = ray.get(ref, timeout=120)
+            own = folder / f"{marker}.{node}"
+            if not seen:
+                problems.append((node, "does not see it (no such folder there, or another folder by that name)"))
+            elif error:
+                problems.append((node, error))
+            elif write and not (own.is_file() and own.read_text() == token):
+                problems.append(
+                    (node, "writes to another folder by that name (its marker file never reached the driver)")
+                )
+    finally:
+        for leftover in folder.glob(f"{marker}*"):
+            leftover.unlink(missing_ok=True)
+    if problems:
+        where = "; ".join(f"node {node[:12]} ({ips.get(node, '?')}, holds {', '.join(others[node])}) {why}"
+                          for node, why in problems)  # fmt: skip
+        relative = (
+            " A relative path is relative to each node's own copy of the job's working directory."
+            if (not Path(path).is_absolute())
+            else ""
+        )
+        raise ConfigError(
+            f"{key}: {folder}, as the driver sees it, is not the same folder on every node that "
+            f"{'writes' if write else 'reads'} it: {where}.{relative} Put it on storage every node sees "
+            f"(a shared filesystem mounted at the same path) and give an absolute path."
+        )

@@ -45,7 +45,9 @@ def train(cfg: TrainConf) -> dict[str, float]:
     try:
         latest = run.ckpt.latest() if t.resume == "auto" else None
         state = restore(run, latest)
-        info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict())
+        info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict()) | {
+            "layout": run.layout_info  # where every learner rank, engine and scorer started
+        }
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
         logger = MetricsLogger(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from actors import location
 from reward.loader import DEFAULT_REWARD_FN, load_reward_fn
 from reward.pool import IsolatedScorer, check_samples
 from reward.result import RewardResult
@@ -27,13 +28,16 @@ class RewardWorkerError(RuntimeError):
 
 
 class _RayScorer(IsolatedScorer):
-    """IsolatedScorer plus its actor's process (for fault drills)."""
+    """IsolatedScorer plus its actor's process (for fault drills) and location (for the run's layout)."""
 
     def process(self) -> tuple[int, str]:
         """(pid, Ray node id) of this actor's process."""
         import ray
 
         return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def location(self) -> dict:
+        return location()
 
 
 class RewardService:
@@ -45,6 +49,8 @@ class RewardService:
     call_timeout_s:   bound on one `score_batch` call; None = 60 s + (timeout_s + 2 s) per sample of a shard,
                       i.e. enough even when every sample times out and its child restarts.
     max_restarts:     lost actors replaced and their shard re-scored within one call (0: the call raises).
+    placement:        placement(k) → extra `ray.remote` options of actor k, called before it is started or
+                      replaced (it may wait, bounded, for resources and raise naming them); None: Ray's choice.
     Requires `ray.init()` to have been called.
 
     Hooks the driver may install (attributes, None by default): `on_submit(phase, processes)`, called after a
@@ -64,6 +70,7 @@ class RewardService:
         num_cpus_per_worker: float = 1.0,
         call_timeout_s: float | None = None,
         max_restarts: int = 0,
+        placement: Callable[[int], dict] | None = None,
     ) -> None:
         import ray
 
@@ -86,8 +93,9 @@ class RewardService:
             "memory_limit_mb": memory_limit_mb,
         }
         self._reward_fn = reward_fn
+        self._placement = placement
         self._actor_cls = ray.remote(num_cpus=num_cpus_per_worker, max_restarts=0)(_RayScorer)
-        self.workers: list[Any] = [self._new_worker() for _ in range(num_workers)]
+        self.workers: list[Any] = [self._new_worker(k) for k in range(num_workers)]
         """The actor handles (exposed for tests and monitoring)."""
 
     def score_batch(
@@ -167,7 +175,7 @@ class RewardService:
         import ray
 
         ray.kill(self.workers[k])
-        self.workers[k] = self._new_worker()
+        self.workers[k] = self._new_worker(k)
         self.restarts += 1
 
     def shutdown(self) -> None:
@@ -178,5 +186,12 @@ class RewardService:
             ray.kill(worker)
         self.workers = []
 
-    def _new_worker(self) -> Any:
-        return self._actor_cls.remote(self._reward_fn, **self._scorer_kwargs)
+    def locations(self, timeout_s: float = 120.0) -> list[dict]:
+        """Where each actor runs (actors.location), waiting at most `timeout_s` for them to start."""
+        import ray
+
+        return ray.get([worker.location.remote() for worker in self.workers], timeout=timeout_s)
+
+    def _new_worker(self, k: int) -> Any:
+        options = self._placement(k) if self._placement is not None else {}
+        return self._actor_cls.options(**options).remote(self._reward_fn, **self._scorer_kwargs)

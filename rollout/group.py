@@ -28,6 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
+from actors import location
 from rollout.engine import resolve_model_path
 from rollout.types import Prompt, Sample, SamplingConfig
 from rollout.worker import EngineKind, RolloutWorker
@@ -52,7 +53,7 @@ class _RayRolloutWorker(RolloutWorker):
         super().__init__(*args, **kwargs)
 
     def info(self) -> dict:
-        return super().info() | {"node_id": ray.get_runtime_context().get_node_id(), "placement": self.placement}
+        return super().info() | location() | {"placement": self.placement}
 
     def update_weights_from_refs(self, nested_bucket_refs: list[list[ray.ObjectRef]], policy_version: int) -> dict:
         """`nested_bucket_refs[0]` lists refs of buckets `list[tuple[str, Tensor]]`; nested so that Ray passes the
@@ -87,6 +88,9 @@ class RolloutGroup:
     max_restarts:        restarts of lost workers allowed per call when recovery is on (see the module doc).
     process_setup:       a picklable callable each worker process runs first, also after a restart (e.g. the
                          CPU binding of orchestration/placement.py); its result is `info()["placement"]`.
+    placement:           placement(rank) → extra `ray.remote` options of worker `rank` (e.g. its placement
+                         group's bundle), called before the worker is started and before every restart; it may
+                         wait (bounded) for the worker's resources and raise, naming them, when they do not come.
 
     Hooks the driver may install (attributes, None by default):
     recover_weights(ranks): bring the (restarted) workers `ranks` to the current policy weights, e.g. by
@@ -111,6 +115,7 @@ class RolloutGroup:
         start_timeout_s: float = 300.0,
         max_restarts: int = 0,
         process_setup: Callable[[], Any] | None = None,
+        placement: Callable[[int], dict] | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"RolloutGroup needs num_workers >= 1, got {num_workers}")
@@ -135,11 +140,18 @@ class RolloutGroup:
             max_restarts=0,
             runtime_env={"env_vars": env_vars},
         )(_RayRolloutWorker)
-        self._new_worker = lambda: actor_cls.remote(
-            model_path, engine=engine, process_setup=process_setup, **(engine_kwargs or {})
-        )
-        self.workers = [self._new_worker() for _ in range(num_workers)]
+
+        def new_worker(rank: int) -> Any:
+            options = placement(rank) if placement is not None else {}
+            return actor_cls.options(**options).remote(
+                model_path, engine=engine, process_setup=process_setup, **(engine_kwargs or {})
+            )
+
+        self._new_worker = new_worker
+        self.workers: list[Any] = []
         try:
+            for rank in range(num_workers):
+                self.workers.append(self._new_worker(rank))
             infos = self._call(
                 "start", lambda rank: self.workers[rank].info.remote(), range(num_workers), start_timeout_s
             )
@@ -158,7 +170,11 @@ class RolloutGroup:
         """Replace worker `rank` by a fresh actor (same constructor arguments, so the model's own weights: bring
         it to the policy's with `update_weights(..., ranks=[rank])`) and wait until its engine has started."""
         ray.kill(self.workers[rank])
-        self.workers[rank] = self._new_worker()
+        try:
+            self.workers[rank] = self._new_worker(rank)
+        except Exception as error:  # its resources did not come back (placement): the group cannot go on
+            self._broken = f"worker {rank} could not be placed"
+            raise RuntimeError(f"rollout worker {rank} could not be restarted: {error}") from error
         try:
             self.worker_info[rank] = ray.get(self.workers[rank].info.remote(), timeout=self.start_timeout_s)
         except RayError as error:
