@@ -9,6 +9,10 @@
 #   make job     the cluster path on this machine: a local Ray head with token auth, `ray job submit` of a
 #                2-step run into outputs/job, then only that head stopped (orchestration/job.sh; JOB_ARGS
 #                passes Hydra overrides, JOB_OUT the output folder)
+#   make cluster-demo  several machines on this one: a Ray head and two worker nodes (a `ray start` session
+#                each, orchestration/local_cluster.py), a 3-step run submitted with `ray job submit`, learner
+#                and engines on separate nodes; prints where every actor ran, then stops only that cluster
+#                (CLUSTER_ARGS passes Hydra overrides; the run is in outputs/cluster/run)
 # No variable needs exporting: the run's environment is in the config (cluster.env, orchestration/env.py).
 SHELL := /bin/bash
 PY    := .venv/bin/python
@@ -21,7 +25,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 ALGO      ?= fipo
 DEMO_ARGS ?=
 
-.PHONY: setup test test-fast lint bench demo job clean
+.PHONY: setup test test-fast lint bench demo job cluster-demo clean
 setup: $(STAMP)
 
 $(UV):
@@ -53,6 +57,9 @@ demo: setup
 
 job: setup
 	bash orchestration/job.sh
+
+cluster-demo: setup
+	$(PY) -m orchestration.local_cluster demo $(CLUSTER_ARGS)
 
 clean:
 	rm -rf .venv .tools outputs .pytest_cache .ruff_cache

@@ -1,8 +1,10 @@
-"""The ground floor every Ray-hosting group of the project shares: where an actor runs (`location`).
+"""The ground floor every Ray-hosting group of the project shares: where an actor runs (`location`), and one call
+to a group of actors that replaces the ones it loses (`supervise`).
 
 No project package is imported here, so rollout/, reward/, advantage/ and learner/ can all depend on it.
 """
 
 from actors.location import location
+from actors.supervise import Loss, supervise
 
-__all__ = ["location"]
+__all__ = ["Loss", "location", "supervise"]

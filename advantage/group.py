@@ -10,11 +10,10 @@ retried: it reaches the caller at once with its traceback.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
-from actors import location
+from actors import Loss, location, supervise
 from advantage.batch import RolloutBatch
 from advantage.registry import ADVANTAGE_ESTIMATORS
 from advantage.stage import AdvantageStageConfig, AdvantageWorker
@@ -85,27 +84,37 @@ class AdvantageService:
         """`advantage.stage.compute_advantages` of `batch` on the actor: (batch with advantages, metrics)."""
         import ray
 
-        lost: list[tuple[str, float]] = []  # (cause, time.monotonic() when seen) per replacement in this call
-        while True:
-            try:
-                if self.on_submit is not None:
-                    process = ray.get(self.worker.process.remote(), timeout=self.call_timeout_s)
-                    self.on_submit("compute", {0: process})
-                result = ray.get(self.worker.compute.remote(batch), timeout=self.call_timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                lost_at = time.monotonic()
-                dead = isinstance(err, ray.exceptions.RayActorError)
-                cause = f"died: {err}" if dead else f"gave no result within {self.call_timeout_s:g} s"
-                self._replace()
-                if len(lost) == self.max_restarts:
-                    budget = f" ({len(lost)} restart(s) in this call, max_restarts={self.max_restarts})"
-                    raise AdvantageWorkerError(f"the advantage actor {cause}{budget}") from err
-                lost.append((cause, lost_at))
-                continue
-            for cause, lost_at in lost:  # reported once the call is answered: the work continues from here
-                if self.on_restart is not None:
-                    self.on_restart(0, "compute", cause, lost_at)
-            return result
+        def submit(_: int) -> ray.ObjectRef:
+            if self.on_submit is not None:  # first: the computation takes milliseconds (see the class doc)
+                process = ray.get(self.worker.process.remote(), timeout=self.call_timeout_s)
+                self.on_submit("compute", {0: process})
+            return self.worker.compute.remote(batch)
+
+        def give_up(lost: list[Loss], restarted: int) -> AdvantageWorkerError:
+            [loss] = lost
+            budget = f" ({restarted} restart(s) in this call, max_restarts={self.max_restarts})"
+            error = AdvantageWorkerError(f"the advantage actor {loss.cause}{budget}")
+            error.__cause__ = loss.error  # as `raise ... from loss.error`
+            return error
+
+        restarts: list[tuple[int, str, str, float]] = []
+        results = supervise(
+            "compute",
+            [0],
+            submit,
+            lambda _: self._replace(),
+            give_up,
+            timeout_s=self.call_timeout_s,
+            max_restarts=self.max_restarts,
+            lost_errors=(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError),
+            timed_out=f"gave no result within {self.call_timeout_s:g} s",
+            replace_at_once=True,
+            on_restart=lambda *restart: restarts.append(restart),
+        )
+        for restart in restarts:  # reported once the call is answered: the work continues from here
+            if self.on_restart is not None:
+                self.on_restart(*restart)
+        return results[0]
 
     def _replace(self) -> None:
         """Kill the actor (dead or stuck) and start a fresh one with the same arguments."""

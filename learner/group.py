@@ -236,6 +236,11 @@ class LearnerGroup:
         self._submitted(method)
         return self._wait(refs, method)[0]
 
+    def ping(self) -> None:
+        """Return when every rank answers; LearnerRankError naming a rank that died (the group is then failed)."""
+        self._check_usable()
+        self._wait([actor.__ray_ready__.remote() for actor in self.actors], "ping")
+
     def compute_log_probs(self, batch: RolloutBatch, *, reference: bool = False) -> torch.Tensor:
         """[B, T] float32 log-probs of the response tokens (see LearnerWorker.compute_log_probs)."""
         return self.call_rank0("compute_log_probs", ray.put(batch), reference=reference)

@@ -27,7 +27,7 @@ from orchestration.config import TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.faults import Faults, FaultSpec
-from orchestration.layout import Layout, describe, record
+from orchestration.layout import SMALL_ACTOR_CPUS, Layout, describe, record
 from orchestration.placement import place_this_process
 from orchestration.preflight import check_shared, preflight
 from orchestration.sampling import OverlongShaping, RoundSizer
@@ -416,8 +416,9 @@ def build_run(cfg: TrainConf) -> Run:
             cfg.reward.num_workers,
             cfg.reward.fn,
             timeout_s=cfg.reward.timeout_s,
-            num_cpus_per_worker=0.25,
+            num_cpus_per_worker=SMALL_ACTOR_CPUS,
             max_restarts=cfg.trainer.max_restarts,
+            placement=layout.scorer,
         )
         parts.append(reward)
         learner = build_learner(cfg, sizes, model_dir, layout)
@@ -425,8 +426,9 @@ def build_run(cfg: TrainConf) -> Run:
         advantage = AdvantageService(
             cfg.algorithm.advantage_estimator,
             AdvantageStageConfig(norm_by_std=True, rollout_is_cap=cfg.algorithm.rollout_is_cap),
-            num_cpus=0.25,
+            num_cpus=SMALL_ACTOR_CPUS,
             max_restarts=cfg.trainer.max_restarts,
+            placement=layout.advantage,
         )
         parts.append(advantage)
         layout_info = record(cfg.cluster.layout, rollout, learner, reward, advantage, cfg.cluster.placement_timeout_s)

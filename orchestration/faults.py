@@ -10,7 +10,7 @@ times ends the run (`RestartBudgetError`).
 
 Fault injection (`trainer.fault_inject`, for tests and drills), one string per fault:
 
-    KIND:INDEX@STEP:PHASE[:always]
+    KIND:INDEX@STEP:PHASE[:always][:node]
 
     KIND    rollout | learner | reward | advantage
     INDEX   which worker: rollout worker, learner rank or reward worker, from 0 (the advantage actor: 0)
@@ -20,6 +20,10 @@ Fault injection (`trainer.fault_inject`, for tests and drills), one string per f
             reward:  score
             advantage: compute
     always  kill on every attempt (the run must then end with the bounded error); without it, once
+    node    lose the worker's whole Ray node instead of its process: every process of that node (raylet, object
+            store, workers) is SIGKILLed at once, as when a machine is lost. For a local multi-node cluster
+            (orchestration/local_cluster.py: each node is a session of its own on this machine); the driver's
+            node is refused
 
 e.g. `trainer.fault_inject=[rollout:0@1:generate,learner:1@2:update]`. The worker's process gets a real
 SIGKILL right after the phase's remote calls are submitted (generate covers the evaluation's generation of
@@ -37,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 PHASES = {
@@ -46,7 +51,8 @@ PHASES = {
     "advantage": ("compute",),
 }
 """The phases a fault can be injected in, per kind of worker (the calls that submit work to it)."""
-GRAMMAR = "KIND:INDEX@STEP:PHASE[:always] (e.g. rollout:0@1:generate, learner:1@2:update:always)"
+GRAMMAR = "KIND:INDEX@STEP:PHASE[:always][:node] (e.g. rollout:0@1:generate, learner:1@2:update:always)"
+FLAGS = ("always", "node")
 
 
 class RestartBudgetError(RuntimeError):
@@ -55,30 +61,32 @@ class RestartBudgetError(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultSpec:
-    """One injected fault: SIGKILL worker `index` of `kind` at `step` in `phase` (on every attempt if `always`)."""
+    """One injected fault: SIGKILL worker `index` of `kind` at `step` in `phase` (on every attempt if `always`;
+    its whole node if `node`)."""
 
     kind: str
     index: int
     step: int
     phase: str
     always: bool = False
+    node: bool = False
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
-        """`KIND:INDEX@STEP:PHASE[:always]` → FaultSpec; ValueError naming what is wrong and the grammar."""
+        """`KIND:INDEX@STEP:PHASE[:always][:node]` → FaultSpec; ValueError naming what is wrong and the grammar."""
         try:
             worker, when = text.strip().split("@")
             kind, index = worker.split(":")
             step, phase, *flags = when.split(":")
-            spec = cls(kind, int(index), int(step), phase, flags == ["always"])
+            spec = cls(kind, int(index), int(step), phase, "always" in flags, "node" in flags)
         except ValueError:
             raise ValueError(f"{text!r} is not {GRAMMAR}") from None
         if kind not in PHASES:
             raise ValueError(f"{text!r}: kind must be one of {list(PHASES)}")
         if phase not in PHASES[kind]:
             raise ValueError(f"{text!r}: a {kind} phase must be one of {list(PHASES[kind])}")
-        if spec.index < 0 or spec.step < 0 or flags not in ([], ["always"]):
-            raise ValueError(f"{text!r}: INDEX and STEP must be >= 0 and the only flag is 'always'; {GRAMMAR}")
+        if spec.index < 0 or spec.step < 0 or any(f not in FLAGS for f in flags) or len(set(flags)) < len(flags):
+            raise ValueError(f"{text!r}: INDEX and STEP must be >= 0 and the flags are 'always' and 'node'; {GRAMMAR}")
         return spec
 
 
@@ -92,6 +100,40 @@ def kill_process(pid: int, node_id: str | None) -> None:
         return
     pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
     ray.get(ray.remote(num_cpus=0)(os.kill).options(scheduling_strategy=pinned).remote(pid, signal.SIGKILL))
+
+
+def kill_node(node_id: str) -> None:
+    """Lose Ray node `node_id` as a machine is lost: a task pinned to it SIGKILLs every process of the node's
+    session (itself included). Only for a local multi-node cluster, where each node is a `ray start` session of
+    its own: ValueError for the driver's node, and (on the node) for a session that is not exactly one node's."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if node_id == ray.get_runtime_context().get_node_id():
+        raise ValueError("a node fault cannot take the driver's own node (the run would end with it)")
+    pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    ref = ray.remote(num_cpus=0, max_retries=0)(_kill_own_node).options(scheduling_strategy=pinned).remote()
+    ready, _ = ray.wait([ref], timeout=30)
+    if ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError:  # it refused: not one node's session
+            raise
+        except ray.exceptions.RayError:  # the node died under it (NodeDiedError, WorkerCrashedError): as asked
+            pass
+
+
+def _kill_own_node() -> None:
+    from orchestration.local_cluster import kill_session, session_pids
+
+    sid = os.getsid(0)
+    raylets = [pid for pid in session_pids(sid) if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"]
+    if len(raylets) != 1:
+        raise ValueError(
+            f"node fault: this node's session {sid} holds {len(raylets)} raylets; node faults need a local "
+            "multi-node cluster (orchestration/local_cluster.py), where every node is a session of its own"
+        )
+    kill_session(sid)
 
 
 def say(message: str) -> None:
@@ -118,6 +160,7 @@ class Faults:
         seen, to the work continuing), cause."""
         self._fired: set[FaultSpec] = set()
         self._killed_at: dict[str, float] = {}  # kind → time.monotonic() of an injected kill not yet recovered
+        self._node_killed_at: float | None = None  # an injected node loss of this step: restarts count from it
         self._learner_failures: Counter[int] = Counter()  # failing step → failures
 
     def attach(self, kind: str, group: Any) -> None:
@@ -134,6 +177,11 @@ class Faults:
             if due and (spec.always or spec not in self._fired):
                 self._fired.add(spec)
                 pid, node_id = processes[spec.index]
+                if spec.node:
+                    say(f"injected: node {node_id[:12]} of {kind} {spec.index} lost at step {self.step} in {phase}")
+                    self._node_killed_at = time.monotonic()
+                    kill_node(node_id)
+                    continue
                 say(f"injected: SIGKILL {kind} {spec.index} (pid {pid}) at step {self.step} in {phase}")
                 self._killed_at[kind] = time.monotonic()
                 kill_process(pid, node_id)
@@ -143,7 +191,8 @@ class Faults:
     ) -> None:
         """Group hook: worker `index` of `kind` (None: the group) was lost in `phase`, replaced (`restarts` times,
         when it was lost again while being restored), and its work continues now."""
-        seconds = time.monotonic() - min(self._killed_at.pop(kind, lost_at), lost_at)
+        killed_at = min(self._killed_at.pop(kind, lost_at), lost_at, self._node_killed_at or lost_at)
+        seconds = time.monotonic() - killed_at
         self.restarts[kind] += restarts
         self.recovery_seconds += seconds
         self.events.append(dict(kind=kind, index=index, phase=phase, step=self.step, seconds=seconds, cause=cause))
@@ -165,7 +214,9 @@ class Faults:
             ) from error
 
     def metrics(self) -> dict[str, float]:
-        """Cumulative counts for the step's metrics."""
+        """Cumulative counts for the step's metrics (called once at the end of each step: an injected node loss
+        of this step stops being the start of later restarts' recovery times)."""
+        self._node_killed_at = None
         return {
             "fault/rollout_restarts": float(self.restarts["rollout"]),
             "fault/learner_restarts": float(self.restarts["learner"]),

@@ -9,7 +9,7 @@ Placement groups reserve the resources before any actor starts:
   `cluster.layout=separate` the engines' bundles may only go to nodes that hold no learner rank (a label
   selector on Ray's `ray.io/node-id` label), as on a disaggregated GPU cluster; `packed` lets Ray put them
   wherever they fit;
-* the reward scorers and the advantage actor take fractions of a CPU wherever there is room (no group).
+* each reward scorer and the advantage actor: a group of one bundle ({CPU: 0.25}) wherever there is room.
 
 A group that is not placed within `cluster.placement_timeout_s` (at start-up, or when its bundles are being
 re-placed after a node was lost) raises `PlacementError`, naming what the group asked for, what every alive node
@@ -35,6 +35,10 @@ from orchestration.sizes import ConfigError
 NODE_ID_LABEL = "ray.io/node-id"
 LEARNER_KEYS = "learner.world_size / learner.num_cpus_per_rank / learner.num_gpus_per_rank / cluster.learner_strategy"
 ENGINE_KEYS = "rollout.num_workers / rollout.num_cpus_per_worker / rollout.num_gpus_per_worker / cluster.layout"
+SCORER_KEYS = "reward.num_workers (a quarter of a CPU each)"
+ADVANTAGE_KEYS = "the advantage actor (a quarter of a CPU; always one)"
+SMALL_ACTOR_CPUS = 0.25
+"""CPUs of a reward scorer and of the advantage actor."""
 
 
 class PlacementError(RuntimeError):
@@ -84,13 +88,15 @@ class Group:
         return [placed[i] for i in range(len(self.bundles))]
 
 
-def wait_placed(groups: Sequence[Group], timeout_s: float) -> None:
-    """Return once every group is placed (all bundles on alive nodes); PlacementError after `timeout_s` for the
-    groups that are not, with what they asked for and what the cluster has."""
+def wait_placed(groups: Sequence[Group], timeout_s: float, *, probe: bool = False) -> None:
+    """Return once every group is placed (all bundles on nodes); PlacementError after `timeout_s` for the
+    groups that are not, with what they asked for and what the cluster has. With `probe`, a group counts as
+    placed only when every node of its bundles runs a task: a node that was just lost still holds its bundles
+    until Ray declares it dead (seconds of missed heartbeats), and an actor started there dies unstarted."""
     deadline = time.monotonic() + timeout_s
     pending = list(groups)
     while pending:
-        pending = [g for g in pending if not _placed(g)]
+        pending = [g for g in pending if not _placed(g, probe)]
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
@@ -98,9 +104,35 @@ def wait_placed(groups: Sequence[Group], timeout_s: float) -> None:
         raise PlacementError(unplaced_message(pending, timeout_s))
 
 
-def _placed(group: Group) -> bool:
+def _placed(group: Group, probe: bool) -> bool:
     state = group.state()
-    return state["state"] == "CREATED" and len(state["bundles_to_node_id"]) == len(group.bundles)
+    placed = state["state"] == "CREATED" and len(state["bundles_to_node_id"]) == len(group.bundles)
+    return placed and (not probe or not silent_nodes(set(group.nodes())))
+
+
+def silent_nodes(node_ids: Sequence[str], timeout_s: float = 3.0) -> list[str]:
+    """The nodes among `node_ids` where a task pinned to them does not run within `timeout_s` (one each, at once)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_ok)
+    refs = {
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
+        for node in node_ids
+    }
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    silent = [refs[ref] for ref in late]
+    for ref in late:
+        ray.cancel(ref, force=True)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            silent.append(refs[ref])
+    return silent
+
+
+def _ok() -> bool:
+    return True
 
 
 def unplaced_message(groups: Sequence[Group], timeout_s: float) -> str:
@@ -147,6 +179,14 @@ class Layout:
         learner_bundle = bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank, LEARNER_KEYS)
         engine_bundle = bundle(r.num_cpus_per_worker, r.num_gpus_per_worker, ENGINE_KEYS)
         self.groups: list[Group] = []
+        try:
+            self._create_all(cfg, learner_bundle, engine_bundle)
+        except BaseException:  # nothing stays reserved by a layout that could not be placed
+            self.remove()
+            raise
+
+    def _create_all(self, cfg: TrainConf, learner_bundle: dict, engine_bundle: dict) -> None:
+        c, ln, r = cfg.cluster, cfg.learner, cfg.rollout
         self.learner_group = self._create(
             f"the learner's {ln.world_size} rank bundle(s)", LEARNER_KEYS, [learner_bundle] * ln.world_size,
             c.learner_strategy,
@@ -159,6 +199,12 @@ class Layout:
             self._create(f"rollout engine {rank}'s bundle", ENGINE_KEYS, [engine_bundle], "STRICT_PACK", excluded)
             for rank in range(r.num_workers)
         ]
+        small = [{"CPU": SMALL_ACTOR_CPUS}]
+        self.scorer_groups = [
+            self._create(f"reward scorer {k}'s bundle", SCORER_KEYS, small, "PACK")
+            for k in range(cfg.reward.num_workers)
+        ]
+        self.advantage_group = self._create("the advantage actor's bundle", ADVANTAGE_KEYS, small, "PACK")
         wait_placed(self.groups, self.timeout_s)
 
     def _create(
@@ -172,13 +218,23 @@ class Layout:
 
     def learner(self, rank: int) -> dict[str, Any]:
         """The learner group's `placement` hook: rank `rank` in bundle `rank` of the learner's group."""
-        wait_placed([self.learner_group], self.timeout_s)
+        wait_placed([self.learner_group], self.timeout_s, probe=True)
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.learner_group.pg, rank)}
 
     def engine(self, rank: int) -> dict[str, Any]:
         """The rollout group's `placement` hook: engine `rank` in its own group."""
-        group = self.engine_groups[rank]
-        wait_placed([group], self.timeout_s)
+        return self._in(self.engine_groups[rank])
+
+    def scorer(self, k: int) -> dict[str, Any]:
+        """The reward service's `placement` hook: scorer `k` in its own group."""
+        return self._in(self.scorer_groups[k])
+
+    def advantage(self) -> dict[str, Any]:
+        """The advantage service's `placement` hook."""
+        return self._in(self.advantage_group)
+
+    def _in(self, group: Group) -> dict[str, Any]:
+        wait_placed([group], self.timeout_s, probe=True)
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group.pg, 0)}
 
     def nodes(self) -> dict[str, list[str]]:
@@ -203,15 +259,8 @@ class Layout:
 def record(layout_name: str, rollout: Any, learner: Any, reward: Any, advantage: Any, timeout_s: float) -> dict:
     """Where every actor of the run is: {"layout", "nodes": {node_id: ip}, "learner": [...], "rollout": [...],
     "reward": [...], "advantage": [...]}, each actor as {"index", "node_id", "ip", "pid", "gpu_ids"}. The reward
-    and advantage actors (no placement group) are waited for at most `timeout_s`: PlacementError past it."""
-    try:
-        scorers, advantage_actor = reward.locations(timeout_s), advantage.location(timeout_s)
-    except ray.exceptions.GetTimeoutError as err:
-        raise PlacementError(
-            f"placement: the reward scorers or the advantage actor (a fraction of a CPU each: reward.num_workers) "
-            f"did not start within cluster.placement_timeout_s={timeout_s:g} s; the cluster's alive nodes: "
-            + "; ".join(f"{n['node_id'][:8]} {describe_resources(n['resources'])}" for n in alive_nodes())
-        ) from err
+    and advantage actors are waited for at most `timeout_s` (their resources are placed already)."""
+    scorers, advantage_actor = reward.locations(timeout_s), advantage.location(timeout_s)
 
     def entries(locations: Sequence[dict]) -> list[dict]:
         keys = ("node_id", "ip", "pid", "gpu_ids")

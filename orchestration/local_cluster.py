@@ -9,6 +9,7 @@ Killing a node's session takes down its raylet, object store and workers at once
 
     python -m orchestration.local_cluster up [--dir D] [--head-cpus 0] [--workers 4,4] [--gpus 0,0]
     python -m orchestration.local_cluster kill-node N [--dir D]    # N: worker node 1, 2, ...
+    python -m orchestration.local_cluster add-node [--dir D] [--workers 4] [--gpus 0]
     python -m orchestration.local_cluster down [--dir D]
     python -m orchestration.local_cluster demo [hydra overrides]   # what `make cluster-demo` runs
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -277,15 +279,18 @@ class LocalCluster:
 
 DEMO_ARGS = (
     "cluster.layout=separate rollout.num_workers=2 learner.world_size=2 reward.num_workers=2 trainer.total_steps=3 "
-    "trainer.save_every=1 model.warm_start_steps=0"
+    "trainer.save_every=1 model.warm_start_steps=0 algorithm.filter_groups=false"
 )
-"""The demo's run: learner ranks and engines on separate nodes, 3 steps of the embedded default (no warm-start)."""
+"""The demo's run: learner ranks and engines on separate nodes, 3 steps of the embedded default from the untrained
+tiny model (no warm-start; every group kept, since dynamic sampling would find no group with a correct answer)."""
 
 
 def demo(root: Path, overrides: list[str]) -> int:
     """`make cluster-demo`: a head (the driver only) and two worker nodes of 4 logical CPUs here, a short run
     submitted with the real `ray job submit`, where every actor ran, the cluster stopped. Returns the job's rc."""
     out = (root / "run").resolve()
+    if out.exists():  # the demo's own folder: a fresh run each time (an old one would only be resumed)
+        shutil.rmtree(out)
     args = DEMO_ARGS.split() + [
         "cluster.address=auto",
         f"trainer.output_dir={out}",
@@ -317,7 +322,7 @@ def demo(root: Path, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestration.local_cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["up", "down", "kill-node", "demo"])
+    parser.add_argument("command", choices=["up", "down", "kill-node", "add-node", "demo"])
     parser.add_argument("node", nargs="?", type=int, help="kill-node: the worker node (1, 2, ...)")
     parser.add_argument("--dir", type=Path, default=ROOT / "outputs" / "cluster", help="state and logs")
     parser.add_argument("--head-cpus", type=float, default=0, help="logical CPUs of the head (0: the driver only)")
@@ -328,14 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.dir, overrides)
     if overrides:
         parser.error(f"unknown arguments {overrides}")
+    cpus = [float(c) for c in args.workers.split(",") if c]
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0] * len(cpus)
+    if len(gpus) != len(cpus):
+        parser.error(f"--gpus has {len(gpus)} entries for {len(cpus)} worker nodes")
+    workers = [NodeSpec(cpus=c, gpus=g) for c, g in zip(cpus, gpus)]
     if args.command == "up":
-        cpus = [float(c) for c in args.workers.split(",") if c]
-        gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0] * len(cpus)
-        if len(gpus) != len(cpus):
-            parser.error(f"--gpus has {len(gpus)} entries for {len(cpus)} worker nodes")
-        cluster = LocalCluster(args.dir.resolve()).start(
-            NodeSpec(cpus=args.head_cpus), [NodeSpec(cpus=c, gpus=g) for c, g in zip(cpus, gpus)]
-        )
+        cluster = LocalCluster(args.dir.resolve()).start(NodeSpec(cpus=args.head_cpus), workers)
         print(cluster.describe())
         submit = f"ray job submit --address {cluster.address} --working-dir . -- python -m orchestration.train"
         print(
@@ -347,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.node:
             parser.error("kill-node needs a worker node: 1, 2, ...")
         cluster.kill_node(args.node)
+    elif args.command == "add-node":
+        for spec in workers:
+            cluster.add_node(spec)
     else:
         cluster.stop()
     print(cluster.describe())

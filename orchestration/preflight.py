@@ -122,27 +122,30 @@ def check_shared(path: str, key: str, nodes: dict[str, list[str]], *, write: boo
 
     The driver writes a marker file with a random token into `path`; a task pinned to each node reads it back
     and, when `write` (the node writes there: checkpoint shards), writes a marker of its own, which the driver
-    then reads. Nothing to check when every node is the driver's."""
+    then reads; a relative `path` is checked as every actor uses it, relative to each process's working directory
+    (under `ray job submit`: each node's own copy of the job's). A read-only folder is only checked to exist on
+    every node. Nothing to check when every node is the driver's, or for a model that is not a local folder on
+    the driver (a hub id: each node downloads it)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
     others = {node: held for node, held in nodes.items() if node != here}
-    if not others:
+    if not others or (not write and not Path(path).exists()):  # one node, or a hub id every node downloads
         return
-    folder = Path(path).resolve()
+    folder = Path(path)  # as every actor gets it: a relative path is relative to each process's working directory
     token, marker = uuid.uuid4().hex, f".shared_check_{uuid.uuid4().hex[:8]}"
     driver_marker = folder / marker
     try:
         driver_marker.write_text(token)
     except OSError as err:
         if write:
-            raise ConfigError(f"{key}: {folder} is not writable from the driver: {err}") from err
+            raise ConfigError(f"{key}: {folder.resolve()} is not writable from the driver: {err}") from err
         driver_marker = None  # a read-only model folder: check that it exists on every node instead
     probe = ray.remote(num_cpus=0)(_probe if driver_marker else lambda p, *_: (Path(p).exists(), ""))
     refs = {
         node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-            str(folder), marker, token, write
+            path, marker, token, write
         )
         for node in others
     }
@@ -172,7 +175,7 @@ def check_shared(path: str, key: str, nodes: dict[str, list[str]], *, write: boo
             else ""
         )
         raise ConfigError(
-            f"{key}: {folder}, as the driver sees it, is not the same folder on every node that "
+            f"{key}: {path} ({folder.resolve()} on the driver) is not the same folder on every node that "
             f"{'writes' if write else 'reads'} it: {where}.{relative} Put it on storage every node sees "
             f"(a shared filesystem mounted at the same path) and give an absolute path."
         )

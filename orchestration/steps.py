@@ -18,6 +18,7 @@ from orchestration.checkpoint import TrainerState
 from orchestration.data import PromptRow
 from orchestration.evaluate import eval_metrics, evaluate_rows
 from orchestration.faults import say
+from orchestration.layout import PlacementError
 from orchestration.metrics import MetricsLogger
 from orchestration.sampling import GroupPool, group_samples
 
@@ -97,6 +98,8 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
             state = restore(run, path, wandb_run_id)
             run.push_weights(state.policy_version)
             break
+        except PlacementError:  # the new group's resources did not come back in time: nothing to retry
+            raise
         except Exception as again:  # lost again while restoring: counts against the same step
             error = again
     logger.truncate_after(state.step)

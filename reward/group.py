@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors import location
+from actors import Loss, location, supervise
 from reward.loader import DEFAULT_REWARD_FN, load_reward_fn
 from reward.pool import IsolatedScorer, check_samples
 from reward.result import RewardResult
@@ -117,7 +117,6 @@ class RewardService:
         shard_size = -(-len(samples) // self.num_workers)
         shards = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
         bound = self.call_timeout_s or 60.0 + shard_size * (self.timeout_s + 2.0)
-        pending: dict[Any, tuple[int, float]] = {}  # ref → (worker, deadline)
 
         def process_of(k: int) -> Any:
             """Worker k's process; a worker that died after its last result came in (a kill that landed just
@@ -132,42 +131,26 @@ class RewardService:
                     self.on_restart(k, "score", f"found dead before the call: {e}", lost_at)
                 return process
 
-        def submit(workers: Sequence[int]) -> None:
-            # the processes are asked first: a call queued behind the scoring would answer after it
-            processes = [process_of(k) for k in workers] if self.on_submit else []
-            for k in workers:
-                pending[self.workers[k].score_samples.remote(shards[k])] = (k, time.monotonic() + bound)
-            if self.on_submit is not None:
-                self.on_submit("score", dict(zip(workers, processes)))
+        def give_up(lost: list[Loss], restarted: int) -> RewardWorkerError:
+            budget = f" ({restarted} re-scored in this call, max_restarts={self.max_restarts})"
+            causes = "; ".join(f"reward worker {loss.worker} of {self.num_workers} {loss.cause}" for loss in lost)
+            return RewardWorkerError(causes + (budget if self.max_restarts else ""))
 
-        results: dict[int, list[RewardResult]] = {}
-        restarted = 0
-        submit(range(len(shards)))
-        while pending:
-            deadline = min(d for _, d in pending.values())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            lost_at = time.monotonic()
-            if ready:
-                k = pending.pop(ready[0])[0]
-                try:
-                    results[k] = ray.get(ready[0])
-                    continue
-                except ray.exceptions.RayActorError as e:
-                    lost = {k: f"died: {e}"}
-            else:
-                late = [ref for ref, (_, d) in pending.items() if d <= lost_at]
-                lost = {pending.pop(ref)[0]: f"gave no result within {bound:.0f} s" for ref in late}
-            for k in lost:  # replaced at once, so that no later call queues behind a dead or stuck actor
-                self._replace(k)
-            if restarted + len(lost) > self.max_restarts:
-                budget = f" ({restarted} re-scored in this call, max_restarts={self.max_restarts})"
-                causes = "; ".join(f"reward worker {k} of {self.num_workers} {cause}" for k, cause in lost.items())
-                raise RewardWorkerError(causes + (budget if self.max_restarts else ""))
-            restarted += len(lost)
-            submit(list(lost))
-            for k, cause in lost.items():
-                if self.on_restart is not None:
-                    self.on_restart(k, "score", cause, lost_at)
+        results = supervise(
+            "score",
+            range(len(shards)),
+            lambda k: self.workers[k].score_samples.remote(shards[k]),
+            self._replace,
+            give_up,
+            timeout_s=bound,
+            max_restarts=self.max_restarts,
+            lost_errors=(ray.exceptions.RayActorError,),
+            timed_out=f"gave no result within {bound:.0f} s",
+            replace_at_once=True,  # so that no later call queues behind a dead or stuck actor
+            process_of=process_of,
+            on_submit=self.on_submit,
+            on_restart=self.on_restart,
+        )
         return [result for k in range(len(shards)) for result in results[k]]
 
     def _replace(self, k: int) -> None:

@@ -21,14 +21,13 @@ missed the deadline) is handled in one of two ways:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from actors import location
+from actors import Loss, location, supervise
 from rollout.engine import resolve_model_path
 from rollout.types import Prompt, Sample, SamplingConfig
 from rollout.worker import EngineKind, RolloutWorker
@@ -200,50 +199,40 @@ class RolloutGroup:
         if self._broken:
             raise RuntimeError(f"RolloutGroup is unusable after an earlier failure: {self._broken}")
         allowed = self.max_restarts if self.recover_weights is not None else 0
-        restarted = 0
-        pending: dict[ray.ObjectRef, tuple[int, float]] = {}  # ref → (rank, deadline)
 
-        def submit_all(targets: Sequence[int]) -> None:
-            for rank in targets:
-                pending[submit(rank)] = (rank, time.monotonic() + timeout_s)
-            if self.on_submit is not None:
-                self.on_submit(what, {r: (self.worker_info[r]["pid"], self.worker_info[r]["node_id"]) for r in targets})
+        def replace(rank: int) -> None:
+            self.restart_worker(rank)
+            if needs_weights:
+                self.recover_weights([rank])
 
-        results: dict[int, Any] = {}
-        submit_all(ranks)
-        while pending:
-            deadline = min(d for _, d in pending.values())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
-            lost: list[tuple[int, str]] = []
-            lost_at = time.monotonic()
-            if ready:
-                rank, _ = pending.pop(ready[0])
-                try:
-                    results[rank] = ray.get(ready[0])
-                except RayTaskError as error:  # the worker raised: its message first, then its traceback
-                    cause = error.cause if isinstance(error.cause, BaseException) else error
-                    raise RuntimeError(
-                        f"rollout worker {rank} failed during {what}: {type(cause).__name__}: {cause}\n"
-                        f"worker traceback:\n{error}"
-                    ) from error
-                except RayError as error:  # the worker process died (RayActorError) or its result was lost
-                    lost.append((rank, f"died during {what}: {error}"))
-            else:
-                late = [ref for ref, (_, d) in pending.items() if d <= time.monotonic()]
-                lost = [(pending.pop(ref)[0], f"{what} timed out after {timeout_s:.0f} s") for ref in late]
-            if restarted + len(lost) > allowed:
-                self._broken = "; ".join(f"worker {rank} {cause.splitlines()[0]}" for rank, cause in lost)
-                budget = f" ({restarted} restart(s) in this call, max_restarts={allowed})" if allowed else ""
-                raise RuntimeError("; ".join(f"rollout worker {rank} {cause}" for rank, cause in lost) + budget)
-            for rank, cause in lost:
-                restarted += 1
-                self.restart_worker(rank)
-                if needs_weights:
-                    self.recover_weights([rank])
-                submit_all([rank])
-                if self.on_restart is not None:
-                    self.on_restart(rank, what, cause, lost_at)
-        return results
+        def give_up(lost: list[Loss], restarted: int) -> RuntimeError:
+            self._broken = "; ".join(f"worker {loss.worker} {loss.cause.splitlines()[0]}" for loss in lost)
+            budget = f" ({restarted} restart(s) in this call, max_restarts={allowed})" if allowed else ""
+            return RuntimeError("; ".join(f"rollout worker {loss.worker} {loss.cause}" for loss in lost) + budget)
+
+        def task_error(rank: int, error: RayTaskError) -> RuntimeError:  # its message first, then its traceback
+            cause = error.cause if isinstance(error.cause, BaseException) else error
+            return RuntimeError(
+                f"rollout worker {rank} failed during {what}: {type(cause).__name__}: {cause}\n"
+                f"worker traceback:\n{error}"
+            )
+
+        return supervise(
+            what,
+            ranks,
+            submit,
+            replace,
+            give_up,
+            timeout_s=timeout_s,
+            max_restarts=allowed,
+            lost_errors=(RayError,),  # the worker process died (RayActorError) or its result was lost
+            timed_out=f"{what} timed out after {timeout_s:.0f} s",
+            died=f"died during {what}",
+            task_error=task_error,
+            process_of=lambda rank: (self.worker_info[rank]["pid"], self.worker_info[rank]["node_id"]),
+            on_submit=self.on_submit,
+            on_restart=self.on_restart,
+        )
 
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingConfig, *, timeout_s: float | None = None

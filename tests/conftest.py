@@ -38,3 +38,14 @@ def pytest_unconfigure(config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local one-node Ray of 4 logical CPUs for the tests of one module (`address="local"`: never a cluster
+    that happens to run on the machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

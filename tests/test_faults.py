@@ -20,15 +20,18 @@ from rollout.tiny import build_tiny_model
 
 
 def test_fault_specs_parse_and_bad_ones_say_the_grammar():
-    assert FaultSpec.parse("rollout:0@2:generate") == FaultSpec("rollout", 0, 2, "generate", False)
+    assert FaultSpec.parse("rollout:0@2:generate") == FaultSpec("rollout", 0, 2, "generate", False, False)
     assert FaultSpec.parse(" learner:1@3:update:always ") == FaultSpec("learner", 1, 3, "update", True)
     assert FaultSpec.parse("advantage:0@1:compute") == FaultSpec("advantage", 0, 1, "compute", False)
+    assert FaultSpec.parse("rollout:1@2:generate:node") == FaultSpec("rollout", 1, 2, "generate", False, True)
+    assert FaultSpec.parse("learner:0@1:update:always:node").node
     for bad, match in [
         ("rollout0@2:generate", "is not KIND:INDEX@STEP:PHASE"),
         ("trainer:0@2:generate", "kind must be one of"),
         ("reward:0@1:update", "a reward phase must be one of"),
         ("rollout:-1@2:generate", "INDEX and STEP must be >= 0"),
-        ("rollout:0@2:generate:twice", "the only flag is 'always'"),
+        ("rollout:0@2:generate:twice", "the flags are .always. and .node."),
+        ("rollout:0@2:generate:node:node", "the flags are .always. and .node."),
     ]:
         with pytest.raises(ValueError, match=match):
             FaultSpec.parse(bad)

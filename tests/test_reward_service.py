@@ -15,14 +15,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster):
+def service(local_ray):
     svc = RewardService(num_workers=2, timeout_s=1.0)
     yield svc
     svc.shutdown()
@@ -45,7 +38,7 @@ def test_order_and_statuses(service):
     assert service.score_batch([], []) == []
 
 
-def test_bad_reward_fn_fails_in_the_driver(ray_cluster):
+def test_bad_reward_fn_fails_in_the_driver(local_ray):
     with pytest.raises(ValueError, match="'reward.math:missing'"):
         RewardService(num_workers=1, reward_fn="reward.math:missing")
 
@@ -83,7 +76,7 @@ def _wait_until_dead(actor, limit_s: float = 20.0) -> None:
     raise AssertionError("the killed actor still answers")
 
 
-def test_lost_actor_is_replaced_and_only_its_shard_rescored(ray_cluster):
+def test_lost_actor_is_replaced_and_only_its_shard_rescored(local_ray):
     """max_restarts > 0: an actor SIGKILLed by pid right after its shard is submitted (fault injection of
     orchestration/faults.py) is replaced and only its shard scored again, with the same results; an actor
     killed on every attempt ends the call after max_restarts with the worker named."""
