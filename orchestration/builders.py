@@ -23,11 +23,11 @@ from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
 from learner.group import LearnerGroup
 from orchestration import stacks
 from orchestration.checkpoint import CheckpointManager
-from orchestration.config import TrainConf
+from orchestration.config import SMALL_ACTOR_CPUS, TrainConf
 from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.faults import Faults, FaultSpec
-from orchestration.layout import SMALL_ACTOR_CPUS, Layout, describe, record
+from orchestration.layout import Layout, describe, record
 from orchestration.placement import place_this_process
 from orchestration.preflight import check_shared, preflight
 from orchestration.sampling import OverlongShaping, RoundSizer

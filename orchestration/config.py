@@ -25,6 +25,10 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+SMALL_ACTOR_CPUS = 0.25
+"""Ray CPUs of each reward scorer and of the advantage actor (their bundles: orchestration/layout.py)."""
+
+
 def _positive(value: float, key: str) -> None:
     _check(value > 0, key, f"must be > 0, got {value}")
 
@@ -552,12 +556,14 @@ def validate(cfg: TrainConf) -> None:
         )
     if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:
         needed = cfg.learner.world_size * cfg.learner.num_cpus_per_rank
-        needed += cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + 1  # + the reward/advantage actors
+        needed += cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+        needed += (cfg.reward.num_workers + 1) * SMALL_ACTOR_CPUS  # the scorers and the advantage actor
         _check(
             needed <= cfg.cluster.num_cpus,
             "cluster.num_cpus",
             f"{cfg.cluster.num_cpus} logical CPUs cannot place learner.world_size × learner.num_cpus_per_rank + "
-            f"rollout.num_workers × rollout.num_cpus_per_worker + 1 = {needed:g}",
+            f"rollout.num_workers × rollout.num_cpus_per_worker + (reward.num_workers + 1) × {SMALL_ACTOR_CPUS} = "
+            f"{needed:g}",
         )
 
 

@@ -29,7 +29,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestration.config import TrainConf
+from orchestration.config import SMALL_ACTOR_CPUS, TrainConf
 from orchestration.sizes import ConfigError
 
 NODE_ID_LABEL = "ray.io/node-id"
@@ -37,8 +37,6 @@ LEARNER_KEYS = "learner.world_size / learner.num_cpus_per_rank / learner.num_gpu
 ENGINE_KEYS = "rollout.num_workers / rollout.num_cpus_per_worker / rollout.num_gpus_per_worker / cluster.layout"
 SCORER_KEYS = "reward.num_workers (a quarter of a CPU each)"
 ADVANTAGE_KEYS = "the advantage actor (a quarter of a CPU; always one)"
-SMALL_ACTOR_CPUS = 0.25
-"""CPUs of a reward scorer and of the advantage actor."""
 
 
 class PlacementError(RuntimeError):

@@ -21,6 +21,7 @@ from orchestration.faults import say
 from orchestration.layout import PlacementError
 from orchestration.metrics import MetricsLogger
 from orchestration.sampling import GroupPool, group_samples
+from orchestration.weight_sync import lost_objects
 
 
 class StageError(RuntimeError):
@@ -82,6 +83,11 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
     raises RestartBudgetError when the step has failed more than trainer.max_restarts times."""
     error: BaseException = err
     lost_at, attempts = time.monotonic(), 0
+    if run.learner.failed is None and lost_objects(err):  # objects lost with a node (e.g. the weight buckets
+        try:  # resent to a restarted engine): the learner may have been on it; ask it before giving up
+            run.learner.ping()
+        except LearnerRankError:
+            pass  # it was: the group is failed now and recovered below
     while True:
         if run.learner.failed is None:  # not a learner failure: rollout and reward recover inside their groups
             raise error
