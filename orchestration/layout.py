@@ -15,7 +15,8 @@ A group that is not placed within `cluster.placement_timeout_s` (at start-up, or
 re-placed after a node was lost) raises `PlacementError`, naming what the group asked for, what every alive node
 has, and the config keys that asked: never an actor pending forever. When a node is lost, Ray re-places the
 groups' bundles that were on it on the nodes left (or on a node that joins); the replacement actors wait for
-that, within the same bound.
+that, within the same bound. (`separate` excludes the learner's nodes of the start: a learner re-placed after a
+loss may land beside engines.)
 """
 
 from __future__ import annotations
@@ -216,8 +217,7 @@ class Layout:
 
     def learner(self, rank: int) -> dict[str, Any]:
         """The learner group's `placement` hook: rank `rank` in bundle `rank` of the learner's group."""
-        wait_placed([self.learner_group], self.timeout_s, probe=True)
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.learner_group.pg, rank)}
+        return self._in(self.learner_group, rank)
 
     def engine(self, rank: int) -> dict[str, Any]:
         """The rollout group's `placement` hook: engine `rank` in its own group."""
@@ -231,9 +231,10 @@ class Layout:
         """The advantage service's `placement` hook."""
         return self._in(self.advantage_group)
 
-    def _in(self, group: Group) -> dict[str, Any]:
+    def _in(self, group: Group, index: int = 0) -> dict[str, Any]:
+        """Options that put an actor in bundle `index` of `group`, once the group is placed on nodes that answer."""
         wait_placed([group], self.timeout_s, probe=True)
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group.pg, 0)}
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group.pg, index)}
 
     def nodes(self) -> dict[str, list[str]]:
         """{node id: what it holds, e.g. ["learner rank 0", "rollout engine 1"]} of the placed groups."""
