@@ -244,7 +244,7 @@ class LocalCluster:
         for node in reversed(self.nodes):
             kill_session(node.sid, grace_s=3.0 if node.alive else 0.0)
             node.alive = False
-            subprocess.run(["rm", "-rf", node.temp_dir], check=False)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
         self._save()
 
     def __enter__(self) -> LocalCluster:
