@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 
 def location() -> dict:
@@ -17,3 +19,13 @@ def location() -> dict:
         "ip": ray.util.get_node_ip_address(),
         "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
     }
+
+
+def on_node(node_id: str, fn: Callable, *args: Any, **options: Any) -> Any:
+    """The ref of `fn(*args)` run as a zero-CPU Ray task on node `node_id` and nowhere else (`options`: further
+    task options, e.g. max_retries)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return ray.remote(num_cpus=0, **options)(fn).options(scheduling_strategy=pinned).remote(*args)

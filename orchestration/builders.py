@@ -397,8 +397,7 @@ def build_run(cfg: TrainConf) -> Run:
         layout = Layout(cfg)  # every bundle placed (bounded), before any actor starts
         model_key = "model.path" if cfg.model.path else "model.tiny_dir / model.warm_start_dir"
         check_shared(model_dir, model_key, layout.nodes(), write=False)
-        learner_nodes = {node: held for node, held in layout.nodes().items() if any("learner" in h for h in held)}
-        check_shared(cfg.trainer.output_dir, "trainer.output_dir", learner_nodes, write=True)
+        check_shared(cfg.trainer.output_dir, "trainer.output_dir", layout.nodes(engines=False), write=True)
         rollout = RolloutGroup(
             model_dir,
             r.num_workers,

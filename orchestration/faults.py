@@ -44,6 +44,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from actors import on_node
+
 PHASES = {
     "rollout": ("generate", "update_weights"),
     "learner": ("compute_log_probs", "update", "weight_buckets", "save_checkpoint", "export_hf"),
@@ -93,13 +95,11 @@ class FaultSpec:
 def kill_process(pid: int, node_id: str | None) -> None:
     """SIGKILL the process `pid` on Ray node `node_id` (a worker of this run; None: this machine)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if node_id is None or node_id == ray.get_runtime_context().get_node_id():
         os.kill(pid, signal.SIGKILL)
         return
-    pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    ray.get(ray.remote(num_cpus=0)(os.kill).options(scheduling_strategy=pinned).remote(pid, signal.SIGKILL))
+    ray.get(on_node(node_id, os.kill, pid, signal.SIGKILL))
 
 
 def kill_node(node_id: str) -> None:
@@ -107,12 +107,10 @@ def kill_node(node_id: str) -> None:
     session (itself included). Only for a local multi-node cluster, where each node is a `ray start` session of
     its own: ValueError for the driver's node, and (on the node) for a session that is not exactly one node's."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if node_id == ray.get_runtime_context().get_node_id():
         raise ValueError("a node fault cannot take the driver's own node (the run would end with it)")
-    pinned = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    ref = ray.remote(num_cpus=0, max_retries=0)(_kill_own_node).options(scheduling_strategy=pinned).remote()
+    ref = on_node(node_id, _kill_own_node, max_retries=0)
     ready, _ = ray.wait([ref], timeout=30)
     if ready:
         try:

@@ -30,6 +30,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors import on_node
 from orchestration.config import SMALL_ACTOR_CPUS, TrainConf
 from orchestration.sizes import ConfigError
 
@@ -105,19 +106,14 @@ def wait_placed(groups: Sequence[Group], timeout_s: float, *, probe: bool = Fals
 
 def _placed(group: Group, probe: bool) -> bool:
     state = group.state()
+    nodes = set(state["bundles_to_node_id"].values())
     placed = state["state"] == "CREATED" and len(state["bundles_to_node_id"]) == len(group.bundles)
-    return placed and (not probe or not silent_nodes(set(group.nodes())))
+    return placed and (not probe or not silent_nodes(nodes))
 
 
 def silent_nodes(node_ids: Sequence[str], timeout_s: float = 3.0) -> list[str]:
     """The nodes among `node_ids` where a task pinned to them does not run within `timeout_s` (one each, at once)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    probe = ray.remote(num_cpus=0, max_retries=0)(_ok)
-    refs = {
-        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
-        for node in node_ids
-    }
+    refs = {on_node(node, _ok, max_retries=0): node for node in node_ids}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     silent = [refs[ref] for ref in late]
     for ref in late:
@@ -236,12 +232,13 @@ class Layout:
         wait_placed([group], self.timeout_s, probe=True)
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group.pg, index)}
 
-    def nodes(self) -> dict[str, list[str]]:
-        """{node id: what it holds, e.g. ["learner rank 0", "rollout engine 1"]} of the placed groups."""
+    def nodes(self, *, engines: bool = True) -> dict[str, list[str]]:
+        """{node id: what it holds, e.g. ["learner rank 0", "rollout engine 1"]} of the placed learner group and,
+        with `engines`, the engines' groups."""
         held: dict[str, list[str]] = {}
         for rank, node in enumerate(self.learner_group.nodes()):
             held.setdefault(node, []).append(f"learner rank {rank}")
-        for rank, group in enumerate(self.engine_groups):
+        for rank, group in enumerate(self.engine_groups if engines else []):
             held.setdefault(group.nodes()[0], []).append(f"rollout engine {rank}")
         return held
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "cluster.json"
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+"""The `ray` command of this environment (a job runs with the head's `python`: the head starts from the venv)."""
 
 
 @dataclass
@@ -132,8 +134,8 @@ class LocalCluster:
     # the environment of nodes and clients
 
     def env(self) -> dict[str, str]:
-        """The environment for `ray` commands against this cluster: the venv's bin first on PATH (a job runs
-        with the head's `python`), token auth, this cluster's HOME, the offline defaults of the project."""
+        """The environment of the nodes and of `ray` commands against them: this process's, with the venv's bin
+        first on PATH (a job runs with the head's `python`), token auth, this cluster's HOME, no RAY_ADDRESS."""
         venv_bin = str(Path(sys.executable).parent)
         path = os.pathsep.join([venv_bin] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin])
         env = dict(os.environ) | {"PATH": path, "HOME": self.home, "RAY_AUTH_MODE": "token"}
@@ -147,9 +149,8 @@ class LocalCluster:
 
     def ray(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         """`ray ARGS` with this cluster's environment (output captured)."""
-        ray_cli = str(Path(sys.executable).parent / "ray")
         return subprocess.run(
-            [ray_cli, *args], env=self.env(), capture_output=True, text=True, timeout=timeout, check=check
+            [RAY_CLI, *args], env=self.env(), capture_output=True, text=True, timeout=timeout, check=check
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class LocalCluster:
         agent, agent_grpc, metrics, runtime_env = free_ports(4)  # < 108 chars; ports of its own per node
         log = open(self.root / f"node{index}.log", "w")  # noqa: SIM115 (the node's `ray start` writes to it)
         command = [
-            str(Path(sys.executable).parent / "ray"),
+            RAY_CLI,
             "start",
             *role,
             "--node-ip-address=127.0.0.1",
@@ -304,9 +305,7 @@ def demo(root: Path, overrides: list[str]) -> int:
         command = ["job", "submit", "--address", cluster.address, "--working-dir", str(ROOT), "--"]
         command += ["python", "-m", "orchestration.train", *args]
         print("$ ray " + " ".join(command), flush=True)
-        rc = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), *command], env=cluster.env(), cwd=ROOT
-        ).returncode
+        rc = subprocess.run([RAY_CLI, *command], env=cluster.env(), cwd=ROOT).returncode
     info = out / "run_info.json"
     if info.is_file():
         from orchestration.layout import describe

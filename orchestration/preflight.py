@@ -127,7 +127,8 @@ def check_shared(path: str, key: str, nodes: dict[str, list[str]], *, write: boo
     every node. Nothing to check when every node is the driver's, or for a model that is not a local folder on
     the driver (a hub id: each node downloads it)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from actors import on_node
 
     here = ray.get_runtime_context().get_node_id()
     others = {node: held for node, held in nodes.items() if node != here}
@@ -142,13 +143,8 @@ def check_shared(path: str, key: str, nodes: dict[str, list[str]], *, write: boo
         if write:
             raise ConfigError(f"{key}: {folder.resolve()} is not writable from the driver: {err}") from err
         driver_marker = None  # a read-only model folder: check that it exists on every node instead
-    probe = ray.remote(num_cpus=0)(_probe if driver_marker else lambda p, *_: (Path(p).exists(), ""))
-    refs = {
-        node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-            path, marker, token, write
-        )
-        for node in others
-    }
+    probe = _probe if driver_marker else lambda p, *_: (Path(p).exists(), "")
+    refs = {node: on_node(node, probe, path, marker, token, write) for node in others}
     ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     problems = []
     try:

@@ -21,7 +21,6 @@ from orchestration.faults import say
 from orchestration.layout import PlacementError
 from orchestration.metrics import MetricsLogger
 from orchestration.sampling import GroupPool, group_samples
-from orchestration.weight_sync import lost_objects
 
 
 class StageError(RuntimeError):
@@ -83,12 +82,12 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
     raises RestartBudgetError when the step has failed more than trainer.max_restarts times."""
     error: BaseException = err
     lost_at, attempts = time.monotonic(), 0
-    if run.learner.failed is None and lost_objects(err):  # objects lost with a node (e.g. the weight buckets
-        try:  # resent to a restarted engine): the learner may have been on it; ask it before giving up
-            run.learner.ping()
-        except LearnerRankError:
-            pass  # it was: the group is failed now and recovered below
     while True:
+        if run.learner.failed is None and lost_objects(error):  # objects lost with a node (the weight buckets
+            try:  # of a push, or those resent to a restarted engine): the learner may have been on it; ask it
+                run.learner.ping()
+            except LearnerRankError:
+                pass  # it was: the group is failed now and recovered below
         if run.learner.failed is None:  # not a learner failure: rollout and reward recover inside their groups
             raise error
         if run.pipeline is not None:  # a batch collected ahead: the restore brings its own
@@ -119,6 +118,13 @@ def _causes(err: BaseException | None) -> Iterator[BaseException]:
     while err is not None:
         yield err
         err = err.__cause__
+
+
+def lost_objects(err: BaseException) -> bool:
+    """Whether `err`, an error it was raised from, or a worker error one of them carries is a lost object (its
+    owner, or the node that stored it, is gone)."""
+    lost = ray.exceptions.ObjectLostError
+    return any(isinstance(e, lost) or isinstance(getattr(e, "cause", None), lost) for e in _causes(err))
 
 
 def sampling_seed(seed: int, step: int, gen_round: int) -> int:

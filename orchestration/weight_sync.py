@@ -61,10 +61,6 @@ def push_weights(
     buckets = learner_group.start_weight_buckets(bucket_bytes)
     try:
         rollout_group.update_weights(buckets.refs, policy_version, ranks=ranks)
-    except Exception as err:
-        if lost_objects(err):  # the buckets were lost with learner rank 0's node: name the learner's failure
-            learner_group.ping()
-        raise
     finally:  # a learner rank's failure is the root cause of a failed load: raise it first
         learner_group.finish_weight_buckets(buckets)
     if keep is not None:
@@ -77,17 +73,3 @@ def push_weights(
         "weight_sync/num_buckets": len(buckets.refs),
         "weight_sync/policy_version": policy_version,
     }
-
-
-def lost_objects(err: BaseException | None) -> bool:
-    """Whether `err` (or an error it was raised from, or a worker error it carries) is a lost object: its
-    owner or the node that stored it is gone."""
-    import ray
-
-    while err is not None:
-        if isinstance(err, ray.exceptions.ObjectLostError) or isinstance(
-            getattr(err, "cause", None), ray.exceptions.ObjectLostError
-        ):
-            return True
-        err = err.__cause__
-    return False
