@@ -138,6 +138,7 @@ def prepare_model(cfg: TrainConf) -> str:
             batch_rows=m.warm_start_batch_prompts,
             warmup_steps=m.warm_start_warmup_steps,
             seed=init_seed,
+            num_threads=m.warm_start_threads,
         )
         path = warm_start(path, examples, recipe, m.warm_start_dir)
     return str(path)
@@ -153,6 +154,8 @@ def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
         min_steps=d.synthetic_min_steps,
         max_steps=d.synthetic_max_steps,
         max_value=d.synthetic_max_value,
+        task=d.synthetic_task,
+        habit_mix=d.synthetic_habit_mix,
     )
 
 

@@ -54,6 +54,31 @@ FINAL_TRAIN = {
 }
 # Per run: the sum of its steps' wall times (evaluations and checkpoints included; start-up excluded).
 FINAL_RUN = {"train_seconds": "wall time per run (s)"}
+# Before RL: the evaluation before the first step (trainer.eval_before_train).
+BEFORE_RL = {
+    "eval/initial_avg_at_k": "held-out avg@k before RL",
+    "eval/initial_response_length_mean": "length before RL",
+}
+# The built-in tasks' habits (orchestration/tasks.py; free_chain: at_once | partial | stepwise): held-out values of
+# the last evaluation, the training batches' long-habit share over the last steps, and the first step from which
+# the training batches' long-habit share (trailing mean over --smooth steps) stays >= 1/2 (None: never).
+HABITS = {
+    "eval/initial_habit/stepwise_frac": "stepwise share before RL",
+    "eval/habit/at_once_frac": "at-once share",
+    "eval/habit/partial_frac": "partial share",
+    "eval/habit/stepwise_frac": "stepwise share",
+    "eval/habit/at_once_accuracy": "at-once accuracy",
+    "eval/habit/partial_accuracy": "partial accuracy",
+    "eval/habit/stepwise_accuracy": "stepwise accuracy",
+    "rollout/habit/stepwise_frac": "train stepwise share",
+    "long_habit_step": "step stepwise dominates",
+}
+LONG_HABIT = "rollout/habit/stepwise_frac"
+_HABITS_TITLE = (
+    "Habits (orchestration/tasks.py): held-out shares and accuracies at the last evaluation; the training batches'"
+    " stepwise share over the last steps; the first step from which it stays >= 50% (smoothed; runs that never"
+    " get there are left out, n says how many did):"
+)
 # FIPO's mechanism: the last mini-batch of every step (the first has θ = θ_old: weights ≡ 1), mean over all steps.
 MECHANISM = {
     "learner/last_mini_batch/influence_weights_active_frac": "tokens with f off 1 by > 1% (%)",
@@ -70,6 +95,10 @@ CURVES = (
     ("reward/accuracy", "training batch accuracy", False),
     ("rollout/response_length_mean", "training response length (tokens)", False),
     ("learner/entropy", "entropy", False),
+    ("habit/stepwise_frac", "held-out stepwise (long habit) share", True),
+    ("rollout/habit/stepwise_frac", "training stepwise (long habit) share", False),
+    ("habit/stepwise_accuracy", "held-out accuracy of stepwise chains", True),
+    ("habit/partial_accuracy", "held-out accuracy of partial chains", True),
     ("learner/pg_clipfrac", "PPO ratio clip fraction", False),
     ("learner/last_mini_batch/influence_weights_mean", "FIPO: mean weight f", False),
     ("learner/last_mini_batch/influence_weights_max", "FIPO: max weight f", False),
@@ -139,15 +168,29 @@ def config_value(config: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def load_run(run_dir: Path, group_by: Sequence[str], pair_by: str | None, last_steps: int) -> dict[str, Any]:
-    """One run: its group label, pairing value, and final values (see the module docstring)."""
+def dominance_step(rows: Sequence[Mapping[str, Any]], key: str = LONG_HABIT, window: int = 5) -> int | None:
+    """The first step (1-based: after that many updates' batches) from which the trailing `window`-step mean of
+    `key` stays >= 1/2 to the end of the run; None when it never does (or the run has no `key`)."""
+    xs, ys = series(rows, key, shift=1)
+    smooth = moving_average(ys, window)
+    first = None
+    for x, y in zip(xs, smooth):
+        first = (first or x) if y >= 0.5 else None
+    return first
+
+
+def load_run(
+    run_dir: Path, group_by: Sequence[str], pair_by: Sequence[str], last_steps: int, smooth: int = 5
+) -> dict[str, Any]:
+    """One run: its group label, pairing value (a tuple of the `pair_by` keys' values; None without keys), and
+    final values (see the module docstring; `smooth`: the window of long_habit_step's trailing mean)."""
     info_path = run_dir / RUN_INFO_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {RUN_INFO_FILE} (written by orchestration.train since it exists)")
     config = json.loads(info_path.read_text())["config"]
     try:
         group = ", ".join(f"{key}={config_value(config, key)}" for key in group_by)
-        pair = config_value(config, pair_by) if pair_by else None
+        pair = tuple(config_value(config, key) for key in pair_by) if pair_by else None
     except KeyError as err:
         raise KeyError(f"{run_dir}: the run's config has no key {err}") from None
     rows = read_metrics(run_dir)
@@ -161,6 +204,12 @@ def load_run(run_dir: Path, group_by: Sequence[str], pair_by: str | None, last_s
     for key in MECHANISM:
         values = [row[key] for row in rows if row.get(key) is not None]
         final[key] = statistics.fmean(values) if values else None
+    first = rows[0] if rows else {}
+    for key in (*BEFORE_RL, *HABITS):
+        final[key] = (first if key.startswith("eval/initial_") else last_eval).get(key)
+    values = [row[LONG_HABIT] for row in tail if row.get(LONG_HABIT) is not None]
+    final[LONG_HABIT] = statistics.fmean(values) if values else None
+    final["long_habit_step"] = dominance_step(rows, window=smooth)
     return {"run": str(run_dir), "group": group, "pair": pair, "steps": len(rows), "final": final, "rows": rows}
 
 
@@ -174,7 +223,7 @@ def compare(
     for run in runs:
         groups[run["group"]].append(run)
     labels = sorted(groups)
-    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN) + list(FINAL_RUN) + list(MECHANISM)
+    metrics = list(FINAL_EVAL) + list(FINAL_TRAIN) + list(FINAL_RUN) + list(MECHANISM) + list(BEFORE_RL) + list(HABITS)
     table = {
         label: {m: mean_ci([r["final"][m] for r in groups[label] if r["final"][m] is not None]) for m in metrics}
         for label in labels
@@ -228,10 +277,30 @@ def markdown(table: Mapping[str, Mapping], paired: Mapping[str, Mapping], runs: 
         n = max(s["n"] for s in stats.values())
         lines.append(f"| {label} | {n} | " + " | ".join(_fmt(stats[m], scale[m]) for m in names) + " |")
     if paired:
-        lines += ["", "Paired differences (same seed), mean ± 95% CI over the seeds:", "", header, lines[3]]
+        lines += [
+            "",
+            "Paired differences (same pairing values, --pair-by), mean ± 95% CI over the pairs:",
+            "",
+            header,
+            lines[3],
+        ]
         for label, stats in paired.items():
             n = max(s["n"] for s in stats.values())
             lines.append(f"| {label} | {n} | " + " | ".join(_fmt(stats[m], scale[m]) for m in names) + " |")
+    for title, extra in (("Before RL (the evaluation before the first step):", BEFORE_RL), (_HABITS_TITLE, HABITS)):
+        present = [m for m in extra if any(stats[m]["n"] for stats in table.values())]
+        if not present:
+            continue
+        pct = {m: 100.0 if ("_frac" in m or "accuracy" in m or "_at_k" in m) else 1.0 for m in present}
+        head = "| group | n | " + " | ".join(f"{extra[m]}{' (%)' if pct[m] == 100 else ''}" for m in present) + " |"
+        lines += ["", title, "", head, "|" + "---|" * (len(present) + 2)]
+        for prefix, source in (("", table), ("paired: ", paired)):
+            for label, stats in source.items():
+                n = max(stats[m]["n"] for m in present)
+                cells = [
+                    _fmt(stats[m], pct[m]) + (f" (n={stats[m]['n']})" if stats[m]["n"] != n else "") for m in present
+                ]
+                lines.append(f"| {prefix}{label} | {n} | " + " | ".join(cells) + " |")
     fipo = {label: stats for label, stats in table.items() if stats[next(iter(MECHANISM))]["n"]}
     if fipo:
         lines += [
@@ -308,7 +377,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m orchestration.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="run folders, or folders holding runs (a sweep)")
     p.add_argument("--group-by", nargs="+", default=["algorithm"], help="dotted config keys (default: algorithm)")
-    p.add_argument("--pair-by", default="seed", help="config key pairing runs across groups ('' = no pairing)")
+    p.add_argument(
+        "--pair-by",
+        nargs="*",
+        default=["seed"],
+        help="config key(s) pairing runs across groups, e.g. model.init_seed seed (none given = no pairing)",
+    )
     p.add_argument("--baseline", help="the group the paired differences are taken against (a value of --group-by)")
     p.add_argument("--last-steps", type=int, default=5, help="training metrics: mean over this many last steps")
     p.add_argument("--smooth", type=int, default=5, help="compare.png: trailing mean over this many steps (per run)")
@@ -318,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.last_steps < 1:
         p.error(f"--last-steps must be >= 1, got {args.last_steps}")
-    runs = [load_run(run, args.group_by, args.pair_by or None, args.last_steps) for run in find_runs(args.paths)]
+    smooth = max(1, args.smooth)
+    runs = [load_run(run, args.group_by, args.pair_by, args.last_steps, smooth) for run in find_runs(args.paths)]
     table, paired = compare(runs, args.baseline)
     out = Path(args.output_dir or (args.paths[0] if len(args.paths) == 1 else "outputs/compare"))
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": [{k: v for k, v in run.items() if k != "rows"} for run in runs],
     }
     (out / "compare.json").write_text(json.dumps(report, indent=1, default=str))
-    png = plot_groups(runs, out / "compare.png", smooth=max(1, args.smooth))
+    png = plot_groups(runs, out / "compare.png", smooth=smooth)
     print(text + f"\nwrote {out / 'compare.md'}, {out / 'compare.json'}, {png}", flush=True)
     return report
 

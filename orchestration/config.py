@@ -18,6 +18,7 @@ from omegaconf import MISSING
 
 from orchestration.faults import FaultSpec
 from orchestration.sizes import ConfigError
+from orchestration.tasks import TASKS, check_habit_mix
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -165,6 +166,10 @@ class ModelConf:
     """Warm-start: fraction of examples (seeded) whose target is only the solution's last line (the answer,
     no worked chain), so that the warm-started model has two habits, reasoning first or answering at once, and
     RL learns which one pays (on the built-in task: reasoning first). 0 = always the full solution."""
+    warm_start_threads: int = 1
+    """Warm-start: torch CPU threads while training. The result is deterministic for a given machine and thread
+    count; another count (like another CPU) rounds differently and, over hundreds of steps, gives a different
+    model (docs/fipo_vs_dapo.md measures how much). Part of the cache key."""
     warm_start_dir: str = "outputs/models/warm_start"
     """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
     init_seed: int | None = None
@@ -185,6 +190,7 @@ class ModelConf:
         _positive(self.warm_start_lr, "model.warm_start_lr")
         _positive(self.warm_start_batch_prompts, "model.warm_start_batch_prompts")
         _non_negative(self.warm_start_warmup_steps, "model.warm_start_warmup_steps")
+        _positive(self.warm_start_threads, "model.warm_start_threads")
         _check(0.0 <= self.warm_start_shortcut_frac <= 1.0, "model.warm_start_shortcut_frac", "must be in [0, 1]")
         _check(self.init_seed is None or self.init_seed >= 0, "model.init_seed", "must be >= 0 or null")
 
@@ -213,6 +219,16 @@ class DataConf:
     """Synthetic task: every intermediate value stays in 0..this (at least 9, the largest start value)."""
     synthetic_seed: int | None = None
     """Synthetic task: seed of its problems (and of the train / held-out split); null = the run's `seed`."""
+    synthetic_task: str = "chain"
+    """Synthetic task family (orchestration/tasks.py): chain (one operation per line, the length fixed by the
+    problem) | free_chain (the same problems; a solution writes any number of operations one per line and the
+    rest in one line: the length is the policy's choice and more written work is right more often)."""
+    synthetic_habit_mix: dict[str, float] = field(
+        default_factory=lambda: {"at_once": 0.2, "partial": 0.5, "stepwise": 0.3}
+    )
+    """free_chain: the share of training rows whose worked solution (the warm-start's target) is written in each
+    habit (direct | at_once | partial | stepwise; weights >= 0 summing to 1), drawn per row with the data seed (a
+    partial solution writes 1..n-2 operations one per line, uniformly, and the rest in one line)."""
 
     def __post_init__(self) -> None:
         _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
@@ -226,6 +242,15 @@ class DataConf:
         )
         max_value = self.synthetic_max_value
         _check(max_value >= 9, "data.synthetic_max_value", f"must be >= 9 (the largest start value), got {max_value}")
+        task = self.synthetic_task
+        _check(task in TASKS, "data.synthetic_task", f"must be one of {TASKS}, got {task!r}")
+        if self.synthetic_task == "free_chain":
+            try:
+                check_habit_mix(self.synthetic_habit_mix)
+            except ValueError as err:
+                raise ConfigError(f"data.synthetic_habit_mix: {err}") from None
+            min_steps = self.synthetic_min_steps
+            _check(min_steps >= 3, "data.synthetic_min_steps", f"free_chain needs >= 3 operations, got {min_steps}")
 
 
 @dataclass

@@ -35,8 +35,11 @@ from typing import Any, Protocol
 from orchestration.data import PromptRow, drop_long_prompts, load_datasets
 from orchestration.env import apply_env, cluster_env
 from orchestration.eval_metrics import EVAL_METRIC_KEYS, majority_correct, pass_at_k, summarize
+from orchestration.tasks import SOURCES, habit_of, habit_stats
 from reward.extract import answers_at_once
 from rollout.types import Sample, SamplingConfig
+
+TASK_SOURCES = frozenset(SOURCES.values())  # rows of the built-in tasks: their responses' habits are reported
 
 
 class Generator(Protocol):
@@ -70,8 +73,10 @@ def evaluate_rows(
     `response_length_mean` (tokens), `truncated_frac` (finish reason "length"), `no_answer_frac` (nothing
     extracted), `answer_first_frac` (responses that answer with no reasoning before it,
     reward.extract.answers_at_once), `answer_first_accuracy` and `reasoned_accuracy` (the accuracy of those
-    responses and of all others; None when there are none), and `per_problem`: [{source, ground_truth,
-    correct (count), majority_answer, majority_correct, pass_at_k}] in row order.
+    responses and of all others; None when there are none), `habits`: on the built-in tasks' rows, the share,
+    accuracy and length of each way of writing the solution (orchestration.tasks.habit_stats; {} on other
+    data), and `per_problem`: [{source, ground_truth, correct (count), majority_answer, majority_correct,
+    pass_at_k}] in row order.
     """
     if not rows:
         raise ValueError("evaluate_rows: no problems")
@@ -80,6 +85,7 @@ def evaluate_rows(
     problems: list[tuple[list[str | None], list[bool]]] = []
     lengths: list[int] = []
     at_once: list[tuple[bool, bool]] = []  # (answered at once, correct) per sample
+    habits: list[tuple[str, bool, int]] = []  # (habit, correct, tokens) per sample of the built-in tasks
     truncated = 0
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
@@ -96,6 +102,8 @@ def evaluate_rows(
             chunk_problems[sample.prompt_index][1].append(bool(result.correct))
             lengths.append(len(sample.response_ids))
             at_once.append((answers_at_once(sample.text), bool(result.correct)))
+            if part[sample.prompt_index].data_source in TASK_SOURCES:
+                habits.append((habit_of(sample.text), bool(result.correct), len(sample.response_ids)))
             truncated += sample.finish_reason == "length"
         problems.extend(chunk_problems)
         if on_progress is not None:
@@ -128,6 +136,7 @@ def evaluate_rows(
         "answer_first_frac": sum(first for first, _ in at_once) / len(at_once),
         "answer_first_accuracy": _mean([correct for first, correct in at_once if first]),
         "reasoned_accuracy": _mean([correct for first, correct in at_once if not first]),
+        "habits": habit_stats(habits),
         "per_problem": per_problem,
     }
 
@@ -138,8 +147,10 @@ def _mean(values: Sequence[bool]) -> float | None:
 
 def eval_metrics(report: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
     """The numeric headline of a report as flat metrics (eval/avg_at_k, ..., see EVAL_METRIC_KEYS); a value
-    that is None (e.g. the accuracy of answer-first responses when there were none) is left out."""
-    return {f"{prefix}{key}": float(report[key]) for key in EVAL_METRIC_KEYS if report.get(key) is not None}
+    that is None (e.g. the accuracy of answer-first responses when there were none) is left out; the habits'
+    statistics follow as <prefix>habit/<habit>_frac, _accuracy, _length."""
+    out = {f"{prefix}{key}": float(report[key]) for key in EVAL_METRIC_KEYS if report.get(key) is not None}
+    return out | {f"{prefix}habit/{key}": value for key, value in report.get("habits", {}).items()}
 
 
 def _progress_printer(label: str) -> Callable[[int, int], None]:

@@ -16,11 +16,12 @@ from orchestration import stacks
 from orchestration.builders import Run
 from orchestration.checkpoint import TrainerState
 from orchestration.data import PromptRow
-from orchestration.evaluate import eval_metrics, evaluate_rows
+from orchestration.evaluate import TASK_SOURCES, eval_metrics, evaluate_rows
 from orchestration.faults import say
 from orchestration.layout import PlacementError
 from orchestration.metrics import MetricsLogger
 from orchestration.sampling import GroupPool, group_samples
+from orchestration.tasks import habit_of, habit_stats
 
 
 class StageError(RuntimeError):
@@ -145,11 +146,13 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
     """Generation rounds with dynamic sampling until the step's batch is full (or an error after max rounds).
     Each round draws algorithm.gen_batch_prompts prompts, or, with adaptive rounds, what the running keep-rate
     says the missing groups need (orchestration.sampling.RoundSizer). Without dynamic sampling, one round of
-    exactly the batch's prompts (DerivedSizes.gen_batch_prompts)."""
+    exactly the batch's prompts (DerivedSizes.gen_batch_prompts). On the built-in tasks, the metrics include
+    rollout/habit/<habit>_frac, _accuracy, _length over every sample generated this step (before the filter)."""
     a = run.cfg.algorithm
     pool = GroupPool(run.sizes.train_batch_prompts, run.sample_filter)
     rounds = a.max_gen_rounds if run.sample_filter is not None else 1
     seconds = {"timing_s/rollout_generate": 0.0, "timing_s/rollout_score": 0.0}  # summed over the rounds
+    habits: list[tuple[str, bool, int]] = []  # built-in tasks: every generated sample's habit, before the filter
     for gen_round in range(rounds):
         size = run.sizes.gen_batch_prompts
         if run.round_sizer is not None:
@@ -164,10 +167,16 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         seconds["timing_s/rollout_generate"] += scored - start
         seconds["timing_s/rollout_score"] += time.perf_counter() - scored
         pool.add(group_samples(rows, samples, rewards))
+        habits += [
+            (habit_of(s.text), bool(r.correct), len(s.response_ids))
+            for s, r in zip(samples, rewards)
+            if rows[s.prompt_index].data_source in TASK_SOURCES
+        ]
         if pool.full():
             if run.round_sizer is not None:
                 run.round_sizer.record(len(pool.kept), pool.seen_groups)
-            return pool.to_batch(run.rollout.pad_token_id, run.shaping), pool.metrics() | seconds
+            habit_metrics = {f"rollout/habit/{key}": value for key, value in habit_stats(habits).items()}
+            return pool.to_batch(run.rollout.pad_token_id, run.shaping), pool.metrics() | seconds | habit_metrics
     raise RuntimeError(
         f"dynamic sampling kept {len(pool.kept)} of the {run.sizes.train_batch_prompts} groups a step needs after "
         f"algorithm.max_gen_rounds={rounds} rounds ({dict(pool.drops)} dropped): the task is too easy or too hard "

@@ -12,7 +12,8 @@ transformers + torch on the CPU, next-token cross-entropy on the assistant token
 so that the warm-started model sometimes answers without reasoning (the demo's starting point: two habits,
 and RL learns which one pays; on the built-in task it is, measured, the worked chain).
 AdamW with linear warm-up and cosine decay; batches drawn with a seeded generator, so the result is
-deterministic from (base model, rows, config) on a given machine and thread count.
+deterministic from (base model, rows, config) on a given machine and thread count (not across CPUs: see
+WarmStartConfig.num_threads).
 
 Cached: the output directory is `<cache_dir>/<key>`, where key is a hash of the base model's files, the
 training texts and the config; `warm_start_args.json` is written last and marks a complete directory, so a
@@ -49,7 +50,9 @@ class WarmStartConfig:
     weight_decay:   AdamW decoupled weight decay.
     seed:           seeds the batch order and torch's RNG.
     num_threads:    torch CPU threads while training (1: fastest for a tiny model on a shared 2-core machine,
-                    where more threads oversubscribe the cores, and reproducible across machines).
+                    where more threads oversubscribe the cores). The result is bit-for-bit the same for the same
+                    machine and thread count only: another thread count or CPU rounds differently (measured: the
+                    losses part after 5 steps) and hundreds of steps amplify it into a different model.
     """
 
     steps: int

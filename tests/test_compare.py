@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from orchestration.compare import config_value, find_runs, main, mean_ci, t_quantile_975
+from orchestration.compare import config_value, dominance_step, find_runs, main, mean_ci, t_quantile_975
 from orchestration.sweep import SWEPT_KEYS_ENV, member_dirname, swept_keys
 
 # final held-out avg@k per seed; the training response length of the last steps is 20 + seed for fipo, 10 for dapo
@@ -123,3 +123,51 @@ def test_moving_average_is_trailing():
 
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([5.0, 7.0], 1) == [5.0, 7.0]
+
+
+def test_dominance_step_by_hand():
+    def rows(shares):
+        return [{"step": i, "rollout/habit/stepwise_frac": v} for i, v in enumerate(shares)]
+
+    # window 1: the share itself; it must stay >= 0.5 to the end (the dip at step index 3 restarts the count)
+    assert dominance_step(rows([0.2, 0.6, 0.7, 0.4, 0.5, 0.9]), window=1) == 5  # x = index + 1
+    # window 2: trailing means 0.2, 0.4, 0.65, 0.55, 0.45, 0.7 → from index 5
+    assert dominance_step(rows([0.2, 0.6, 0.7, 0.4, 0.5, 0.9]), window=2) == 6
+    assert dominance_step(rows([0.1, 0.2]), window=1) is None
+    assert dominance_step([{"step": 0}], window=1) is None
+
+
+def test_pairing_by_two_keys_and_habit_tables(tmp_path):
+    # 2 warm-starts × 2 seeds × 2 algorithms; stepwise share per step = slope·(step + 1), fipo's slope 0.1, dapo's
+    # 0.05 + 0.01·init_seed; held-out stepwise share at the end = 0.5 + 0.1·init_seed + (0.2 for fipo)
+    for init_seed in (0, 1):
+        for seed in (0, 1):
+            for algorithm in ("fipo", "dapo"):
+                path = tmp_path / "sweep" / f"i={init_seed},s={seed},a={algorithm}"
+                path.mkdir(parents=True)
+                slope = 0.1 if algorithm == "fipo" else 0.05 + 0.01 * init_seed
+                rows = [{"step": s, "rollout/habit/stepwise_frac": slope * (s + 1)} for s in range(10)]
+                rows[0] |= {"eval/initial_avg_at_k": 0.3 + 0.1 * init_seed, "eval/initial_habit/stepwise_frac": 0.25}
+                final = 0.5 + 0.1 * init_seed + (0.2 if algorithm == "fipo" else 0.0)
+                rows[-1] |= {"eval/avg_at_k": 0.5, "eval/habit/stepwise_frac": final}
+                (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                config = {"seed": seed, "model": {"init_seed": init_seed}, "algorithm": {"name": algorithm}}
+                (path / "run_info.json").write_text(json.dumps({"config": config}))
+    report = main([str(tmp_path / "sweep"), "--baseline", "dapo", "--pair-by", "model.init_seed", "seed",
+                   "--smooth", "1", "--last-steps", "2"])  # fmt: skip
+    fipo, dapo = report["groups"]["algorithm=fipo"], report["groups"]["algorithm=dapo"]
+    diff = report["paired_differences"]["algorithm=fipo − algorithm=dapo"]
+    # 4 pairs (not 2: seed alone would pair runs of different warm-starts, and the dict would keep one of each)
+    assert diff["eval/habit/stepwise_frac"]["n"] == 4 and math.isclose(diff["eval/habit/stepwise_frac"]["mean"], 0.2)
+    assert diff["eval/habit/stepwise_frac"]["ci95"] == pytest.approx(0.0, abs=1e-12)
+    # fipo: 0.1·(s + 1) >= 0.5 from s = 4, i.e. step 5; dapo init 0: 0.05·(s+1) from s = 9 (step 10); init 1:
+    # 0.06·(s + 1) >= 0.5 from s = 8 (step 9)
+    assert fipo["long_habit_step"] == {"mean": 5.0, "ci95": 0.0, "std": 0.0, "n": 4}
+    assert math.isclose(dapo["long_habit_step"]["mean"], 9.5) and dapo["long_habit_step"]["n"] == 4
+    assert math.isclose(diff["long_habit_step"]["mean"], -4.5)
+    # the training share over the last 2 steps (s = 8, 9): fipo 0.95; before RL: 0.3 and 0.4 by warm-start
+    assert math.isclose(fipo["rollout/habit/stepwise_frac"]["mean"], 0.95)
+    assert math.isclose(fipo["eval/initial_avg_at_k"]["mean"], 0.35)
+    table = (tmp_path / "sweep" / "compare.md").read_text()
+    assert "Before RL" in table and "step stepwise dominates" in table
+    assert "| paired: algorithm=fipo − algorithm=dapo | 4 |" in table

@@ -101,6 +101,33 @@ def test_answers_at_once_and_the_accuracy_of_each_habit():
     assert eval_metrics(report)["eval/answer_first_accuracy"] == pytest.approx(1 / 2)
 
 
+def test_habits_are_reported_on_the_built_in_tasks_only():
+    texts = ["Answer: 5", "2+3=5\n5-1=4\nAnswer: 4", "2+3-1=4\nAnswer: 4", "2+3=5\n5-1=4\nAnswer: 5", "Answer: 6"]
+    task_row = PromptRow(({"role": "user", "content": "a"},), "4", "synthetic_val.jsonl:1", "synthetic-free-chain")
+    ends_with_truth = FakeScorer()
+    ends_with_truth.score_batch = lambda rs, ts, es: [Result(r.endswith(t), r[-1:]) for r, t in zip(rs, ts)]
+    report = evaluate_rows(FakeGenerator({"a": texts}), ends_with_truth, [task_row], SamplingConfig(n=5))
+    # by hand: direct 2/5 (both wrong), stepwise 2/5 (1 right), at_once 1/5 (right); FakeGenerator: len(text) + 1 ids
+    assert report["habits"] == pytest.approx(
+        {
+            "direct_frac": 0.4,
+            "direct_accuracy": 0.0,
+            "direct_length": 10.0,
+            "at_once_frac": 0.2,
+            "at_once_accuracy": 1.0,
+            "at_once_length": 18.0,  # "2+3-1=4\nAnswer: 4": 17 characters
+            "partial_frac": 0.0,
+            "stepwise_frac": 0.4,
+            "stepwise_accuracy": 0.5,
+            "stepwise_length": 22.0,  # 21 characters
+            "other_frac": 0.0,
+        }
+    )
+    assert eval_metrics(report)["eval/habit/stepwise_frac"] == pytest.approx(0.4)
+    other = evaluate_rows(FakeGenerator({"a": texts}), ends_with_truth, [row("a", "4")], SamplingConfig(n=5))
+    assert other["habits"] == {} and not any("habit" in key for key in eval_metrics(other))
+
+
 def test_pass_at_k_uses_the_unbiased_estimator_when_n_exceeds_k():
     # k = sampling.n, so pass@k with n > k only arises through eval_metrics.pass_at_k; check the report uses n = k
     gen = FakeGenerator({"a": ["5", "3", "3", "3"]})

@@ -7,9 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from orchestration.config import DataConf
 from orchestration.data import DataError, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.sizes import ConfigError, derive_sizes
-from orchestration.tasks import make_rows, worked_solution, write_jsonl
+from orchestration.tasks import habit_of, habit_stats, make_rows, worked_solution, write_jsonl
+from reward.math import score_math
 
 AIME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aime-2024.jsonl"
 
@@ -127,6 +129,125 @@ def test_synthetic_task_rows_are_correct_and_disjoint():
     assert make_rows(5, 5, seed=4) == make_rows(5, 5, seed=4)
     with pytest.raises(ValueError, match="max_value"):
         make_rows(5, 5, max_value=8)
+
+
+MIX = {"at_once": 0.2, "partial": 0.5, "stepwise": 0.3}
+
+
+def _free_rows(seed=0, num_train=2000, num_test=100, mix=MIX):
+    return make_rows(num_train, num_test, seed=seed, min_steps=6, max_steps=8, task="free_chain", habit_mix=mix)
+
+
+def test_free_chain_rows_are_deterministic_and_share_the_chain_problems():
+    train, test = _free_rows()
+    assert (train, test) == _free_rows()
+    assert _free_rows(seed=1)[0] != train
+    chain_train, chain_test = make_rows(2000, 100, seed=0, min_steps=6, max_steps=8)
+    assert [r["prompt"] for r in chain_train + chain_test] == [r["prompt"] for r in train + test]
+    assert [r["extra_info"]["solution"] for r in chain_test] == [r["extra_info"]["solution"] for r in test]
+    assert {r["data_source"] for r in train + test} == {"synthetic-free-chain"}
+    assert {r["extra_info"]["habit"] for r in test} == {"stepwise"}  # held-out rows carry the whole chain
+    # The drawn habits follow the mix: 2000 binomial draws, sd = sqrt(p(1-p)/2000) <= 0.0112; 5 sd is 0.056.
+    for habit, share in MIX.items():
+        drawn = sum(r["extra_info"]["habit"] == habit for r in train) / len(train)
+        assert abs(drawn - share) < 0.056, (habit, drawn)
+    # partial solutions write 1..n-2 operations one per line (n = 6..8): every count from 1 to 6 occurs
+    written = {r["extra_info"]["lines_written"] for r in train if r["extra_info"]["habit"] == "partial"}
+    assert written == set(range(1, 7))
+
+
+def test_free_chain_solutions_check_out_by_an_independent_evaluation():
+    mix = {"direct": 0.1, "at_once": 0.2, "partial": 0.4, "stepwise": 0.3}
+    train, test = _free_rows(num_train=400, num_test=50, mix=mix)
+    seen, lengths = set(), {habit: [] for habit in mix}
+    for row in train + test:
+        prompt, solution = row["prompt"][0]["content"], row["extra_info"]["solution"]
+        values = _left_to_right(prompt)  # eval() of every prefix, not the generator's chain_values
+        steps = prompt.split(":", 1)[1].split()[1:]
+        assert 6 <= len(steps) <= 8 and row["reward_model"]["ground_truth"] == str(values[-1])
+        *work, answer = solution.split("\n")
+        assert answer == f"Answer: {values[-1]}", solution
+        habit, written = row["extra_info"]["habit"], row["extra_info"]["lines_written"]
+        assert habit_of(solution) == habit, solution
+        seen.add(habit)
+        lengths[habit].append(len(solution))
+        # the lines cover the prompt's operations in order: `written` one per line, then the rest in one line
+        groups = {"direct": [], "stepwise": [[s] for s in steps]}.get(habit)
+        if groups is None:
+            assert 0 <= written <= len(steps) - 2 and (written > 0) == (habit == "partial")
+            groups = [[s] for s in steps[:written]] + [steps[written:]]
+        assert len(work) == len(groups), solution
+        done = 0
+        for line, ops in zip(work, groups):
+            lhs, rhs = line.split("=")
+            assert lhs == f"{values[done]}{''.join(ops)}", (prompt, line)
+            folded = values[done]
+            for op in ops:  # left to right, as the prompt says (not Python's precedence)
+                folded = eval(f"({folded}){op}")
+            done += len(ops)
+            assert int(rhs) == folded == values[done], (prompt, line)
+        assert done == (0 if habit == "direct" else len(steps))
+        assert score_math(solution, row["reward_model"]["ground_truth"]).correct
+        wrong = solution.replace(answer, f"Answer: {values[-1] + 1}")
+        assert not score_math(wrong, row["reward_model"]["ground_truth"]).correct
+    assert seen == set(mix)
+    mean = {habit: sum(v) / len(v) for habit, v in lengths.items()}
+    assert mean["direct"] < mean["at_once"] < mean["partial"] < mean["stepwise"]  # the habits differ in length
+
+
+@pytest.mark.parametrize(
+    ("response", "habit"),
+    [
+        ("Answer: 24", "direct"),
+        ("**Answer:** 24", "direct"),
+        ("7+3-2*3=24\nAnswer: 24", "at_once"),
+        ("7+3=10\n10-2*3=24\nAnswer: 24", "partial"),
+        ("7+3=10\n\n10-2=8\n8*3=24\nAnswer: 24", "stepwise"),
+        ("7+3=11\n11-2=9\nAnswer: 27", "stepwise"),  # the format, not the arithmetic or the count
+        ("7+3-2=8\n8*3=24\nAnswer: 24", "other"),  # several operations before a single one
+        ("7+3=10\nso ten\nAnswer: 10", "other"),  # prose between the lines
+        ("7+3=10\n10-2=8", "other"),  # no answer line
+        ("", "other"),
+    ],
+)
+def test_habit_of_reads_the_format(response, habit):
+    assert habit_of(response) == habit
+
+
+def test_habit_stats_by_hand():
+    records = [("direct", True, 10), ("stepwise", False, 70), ("stepwise", True, 60), ("other", False, 256)]
+    stats = habit_stats(records)
+    assert stats == {
+        "direct_frac": 0.25,
+        "direct_accuracy": 1.0,
+        "direct_length": 10.0,
+        "at_once_frac": 0.0,
+        "partial_frac": 0.0,
+        "stepwise_frac": 0.5,
+        "stepwise_accuracy": 0.5,
+        "stepwise_length": 65.0,
+        "other_frac": 0.25,
+        "other_accuracy": 0.0,
+        "other_length": 256.0,
+    }
+    assert habit_stats([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"synthetic_task": "sums"}, "data.synthetic_task: must be one of"),
+        ({"synthetic_task": "free_chain", "synthetic_habit_mix": {"direct": 0.5, "long": 0.5}}, "unknown habit"),
+        ({"synthetic_task": "free_chain", "synthetic_habit_mix": {"direct": 0.5, "partial": 0.4}}, "sum to 1"),
+        ({"synthetic_task": "free_chain", "synthetic_habit_mix": {}}, "data.synthetic_habit_mix"),
+        ({"synthetic_task": "free_chain", "synthetic_min_steps": 2}, "data.synthetic_min_steps: free_chain needs"),
+    ],
+)
+def test_task_config_errors_name_the_key(change, match):
+    with pytest.raises(ConfigError, match=match):
+        DataConf(**change)
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_rows(2, 2, task="sums")
 
 
 SIZES = dict(
