@@ -228,7 +228,8 @@ class DataConf:
     )
     """free_chain: the share of training rows whose worked solution (the warm-start's target) is written in each
     habit (direct | at_once | partial | stepwise; weights >= 0 summing to 1), drawn per row with the data seed (a
-    partial solution writes 1..n-2 operations one per line, uniformly, and the rest in one line)."""
+    partial solution writes 1..n-2 operations one per line, uniformly, and the rest in one line). A dict given on
+    the command line merges into the configured one, so give every habit's weight (0 to leave one out)."""
 
     def __post_init__(self) -> None:
         _positive(self.max_prompt_tokens, "data.max_prompt_tokens")
@@ -248,7 +249,8 @@ class DataConf:
             try:
                 check_habit_mix(self.synthetic_habit_mix)
             except ValueError as err:
-                raise ConfigError(f"data.synthetic_habit_mix: {err}") from None
+                hint = "; a command-line dict merges into the configured one: give every habit, e.g. {at_once: 0, ...}"
+                raise ConfigError(f"data.synthetic_habit_mix: {err}{hint}") from None
             min_steps = self.synthetic_min_steps
             _check(min_steps >= 3, "data.synthetic_min_steps", f"free_chain needs >= 3 operations, got {min_steps}")
 
