@@ -197,7 +197,7 @@ def load_run(
     last_eval = next((row for row in reversed(rows) if row.get("eval/avg_at_k") is not None), {})
     final = {key: last_eval.get(key) for key in FINAL_EVAL}
     tail = rows[-last_steps:]
-    for key in FINAL_TRAIN:
+    for key in (*FINAL_TRAIN, LONG_HABIT):
         values = [row[key] for row in tail if row.get(key) is not None]
         final[key] = statistics.fmean(values) if values else None
     final["train_seconds"] = sum(row.get("timing_s/step") or 0.0 for row in rows)
@@ -205,10 +205,9 @@ def load_run(
         values = [row[key] for row in rows if row.get(key) is not None]
         final[key] = statistics.fmean(values) if values else None
     first = rows[0] if rows else {}
-    for key in (*BEFORE_RL, *HABITS):
-        final[key] = (first if key.startswith("eval/initial_") else last_eval).get(key)
-    values = [row[LONG_HABIT] for row in tail if row.get(LONG_HABIT) is not None]
-    final[LONG_HABIT] = statistics.fmean(values) if values else None
+    for key in (*BEFORE_RL, *HABITS):  # held-out values: before RL from the first row, else the last evaluation
+        if key.startswith("eval/"):
+            final[key] = (first if key.startswith("eval/initial_") else last_eval).get(key)
     final["long_habit_step"] = dominance_step(rows, window=smooth)
     return {"run": str(run_dir), "group": group, "pair": pair, "steps": len(rows), "final": final, "rows": rows}
 
@@ -261,10 +260,15 @@ def _fmt(stats: Mapping[str, Any], scale: float) -> str:
     return text
 
 
+def _percent(metric: str) -> float:
+    """100 for accuracies and shares (shown in %, differences in points), else 1."""
+    return 100.0 if ("_at_k" in metric or "accuracy" in metric or metric.endswith("_frac")) else 1.0
+
+
 def markdown(table: Mapping[str, Mapping], paired: Mapping[str, Mapping], runs: Sequence[dict]) -> str:
     """The tables of compare.md: accuracies in percent (points for differences), lengths in tokens."""
     names = FINAL_EVAL | FINAL_TRAIN | FINAL_RUN
-    scale = {m: 100.0 if ("_at_k" in m or "accuracy" in m) else 1.0 for m in names}
+    scale = {m: _percent(m) for m in names}
     header = "| group | n | " + " | ".join(f"{names[m]}{' (%)' if scale[m] == 100 else ''}" for m in names) + " |"
     lines = [
         f"{len(runs)} runs; mean ± 95% CI over the runs of each group (Student's t); final held-out values are the "
@@ -291,7 +295,7 @@ def markdown(table: Mapping[str, Mapping], paired: Mapping[str, Mapping], runs: 
         present = [m for m in extra if any(stats[m]["n"] for stats in table.values())]
         if not present:
             continue
-        pct = {m: 100.0 if ("_frac" in m or "accuracy" in m or "_at_k" in m) else 1.0 for m in present}
+        pct = {m: _percent(m) for m in present}
         head = "| group | n | " + " | ".join(f"{extra[m]}{' (%)' if pct[m] == 100 else ''}" for m in present) + " |"
         lines += ["", title, "", head, "|" + "---|" * (len(present) + 2)]
         for prefix, source in (("", table), ("paired: ", paired)):

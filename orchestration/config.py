@@ -245,7 +245,7 @@ class DataConf:
         _check(max_value >= 9, "data.synthetic_max_value", f"must be >= 9 (the largest start value), got {max_value}")
         task = self.synthetic_task
         _check(task in TASKS, "data.synthetic_task", f"must be one of {TASKS}, got {task!r}")
-        if self.synthetic_task == "free_chain":
+        if task == "free_chain":
             try:
                 check_habit_mix(self.synthetic_habit_mix)
             except ValueError as err:

@@ -42,6 +42,18 @@ from rollout.types import Sample, SamplingConfig
 TASK_SOURCES = frozenset(SOURCES.values())  # rows of the built-in tasks: their responses' habits are reported
 
 
+def habit_records(
+    rows: Sequence[PromptRow], samples: Sequence[Sample], results: Sequence
+) -> list[tuple[str, bool, int]]:
+    """(habit, correct, response tokens) of every sample whose row is a built-in task's (for habit_stats); samples
+    of other data are left out. `results[i]` scores `samples[i]`, whose prompt is `rows[sample.prompt_index]`."""
+    return [
+        (habit_of(s.text), bool(r.correct), len(s.response_ids))
+        for s, r in zip(samples, results)
+        if rows[s.prompt_index].data_source in TASK_SOURCES
+    ]
+
+
 class Generator(Protocol):
     """What evaluation samples from: rollout.RolloutGroup (Ray) or rollout.RolloutWorker (in process)."""
 
@@ -102,10 +114,9 @@ def evaluate_rows(
             chunk_problems[sample.prompt_index][1].append(bool(result.correct))
             lengths.append(len(sample.response_ids))
             at_once.append((answers_at_once(sample.text), bool(result.correct)))
-            if part[sample.prompt_index].data_source in TASK_SOURCES:
-                habits.append((habit_of(sample.text), bool(result.correct), len(sample.response_ids)))
             truncated += sample.finish_reason == "length"
         problems.extend(chunk_problems)
+        habits += habit_records(part, samples, results)
         if on_progress is not None:
             on_progress(len(problems), len(rows))
     summary = summarize(problems, k)

@@ -16,12 +16,12 @@ from orchestration import stacks
 from orchestration.builders import Run
 from orchestration.checkpoint import TrainerState
 from orchestration.data import PromptRow
-from orchestration.evaluate import TASK_SOURCES, eval_metrics, evaluate_rows
+from orchestration.evaluate import eval_metrics, evaluate_rows, habit_records
 from orchestration.faults import say
 from orchestration.layout import PlacementError
 from orchestration.metrics import MetricsLogger
 from orchestration.sampling import GroupPool, group_samples
-from orchestration.tasks import habit_of, habit_stats
+from orchestration.tasks import habit_stats
 
 
 class StageError(RuntimeError):
@@ -167,11 +167,7 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         seconds["timing_s/rollout_generate"] += scored - start
         seconds["timing_s/rollout_score"] += time.perf_counter() - scored
         pool.add(group_samples(rows, samples, rewards))
-        habits += [
-            (habit_of(s.text), bool(r.correct), len(s.response_ids))
-            for s, r in zip(samples, rewards)
-            if rows[s.prompt_index].data_source in TASK_SOURCES
-        ]
+        habits += habit_records(rows, samples, rewards)
         if pool.full():
             if run.round_sizer is not None:
                 run.round_sizer.record(len(pool.kept), pool.seen_groups)

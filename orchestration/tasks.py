@@ -51,7 +51,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from reward.extract import answers_at_once
+from reward.extract import answers_at_once, last_answer
 
 PROMPT_TEMPLATE = "Compute left to right: {start} {steps}"
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -60,7 +60,6 @@ Problem = tuple[int, list[tuple[str, int]]]  # (start value, [(operation, operan
 TASKS = ("chain", "free_chain")  # data.synthetic_task
 HABITS = ("direct", "at_once", "partial", "stepwise")  # ways to write a solution, shortest first
 SOURCES = {"chain": "synthetic-arithmetic", "free_chain": "synthetic-free-chain"}  # each row's data_source
-_ANSWER_LINE_RE = re.compile(r"answer\s*\**\s*[:：]", re.IGNORECASE)
 _WORK_LINE_RE = re.compile(r"\d+(?:[-+*]\d+)+=-?\d+")  # a line of one or more operations
 _OP_RE = re.compile(r"[-+*]")
 
@@ -93,10 +92,10 @@ def habit_of(response: str) -> str:
     arithmetic is right or every operation was written."""
     if answers_at_once(response):
         return "direct"
-    answers = list(_ANSWER_LINE_RE.finditer(response))
-    if not answers:
+    answer = last_answer(response)
+    if answer is None:
         return "other"
-    lines = [line.strip() for line in response[: answers[-1].start()].splitlines() if line.strip()]
+    lines = [line.strip() for line in response[: answer.start()].splitlines() if line.strip()]
     if not lines or not all(_WORK_LINE_RE.fullmatch(line) for line in lines):
         return "other"
     ops = [len(_OP_RE.findall(line.split("=", 1)[0])) for line in lines]

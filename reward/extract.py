@@ -80,12 +80,19 @@ def answers_at_once(response: str) -> bool:
     return first is not None and not response[: first.start()].strip(" \t\r\n*_#")
 
 
-def answer_line(text: str) -> str | None:
-    """The text after the last "Answer:" up to the end of its line (skipping whitespace right after the
-    colon, so "Answer:\\n204" gives "204"), or None when there is no "Answer:"."""
+def last_answer(text: str) -> re.Match | None:
+    """The last "Answer:" marker of `text` (as `_ANSWER_RE` reads it: case, "**" and a full-width colon aside),
+    or None."""
     last = None
     for last in _ANSWER_RE.finditer(text):  # noqa: B007 - we want the last match
         pass
+    return last
+
+
+def answer_line(text: str) -> str | None:
+    """The text after the last "Answer:" up to the end of its line (skipping whitespace right after the
+    colon, so "Answer:\\n204" gives "204"), or None when there is no "Answer:"."""
+    last = last_answer(text)
     if last is None:
         return None
     rest = text[last.end() :].lstrip()

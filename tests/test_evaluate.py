@@ -42,6 +42,13 @@ class FakeGenerator:
         return out
 
 
+class EndsWithTruth:
+    """Correct when the text ends with the ground truth; the extracted answer is the last character."""
+
+    def score_batch(self, responses, truths, extras):
+        return [Result(r.endswith(t), r[-1:]) for r, t in zip(responses, truths)]
+
+
 class FakeScorer:
     """Correct when the text equals the ground truth; the extracted answer is the text ('' → None)."""
 
@@ -89,10 +96,6 @@ def test_answers_at_once_and_the_accuracy_of_each_habit():
     assert answers_at_once("Answer: 5") and answers_at_once("\n **Answer:** 5") and answers_at_once("answer：5")
     assert not answers_at_once("2+3=5\nAnswer: 5") and not answers_at_once("5") and not answers_at_once("")
 
-    class EndsWithTruth:
-        def score_batch(self, responses, truths, extras):
-            return [Result(r.endswith(t), r[-1:]) for r, t in zip(responses, truths)]
-
     gen = FakeGenerator({"a": ["Answer: 5", "Answer: 4", "2+3=5\nAnswer: 5", "2+3=6\nAnswer: 6", "2+3=5\nAnswer: 5"]})
     report = evaluate_rows(gen, EndsWithTruth(), [row("a", "5")], SamplingConfig(n=5))
     assert report["answer_first_frac"] == pytest.approx(2 / 5)
@@ -104,9 +107,7 @@ def test_answers_at_once_and_the_accuracy_of_each_habit():
 def test_habits_are_reported_on_the_built_in_tasks_only():
     texts = ["Answer: 5", "2+3=5\n5-1=4\nAnswer: 4", "2+3-1=4\nAnswer: 4", "2+3=5\n5-1=4\nAnswer: 5", "Answer: 6"]
     task_row = PromptRow(({"role": "user", "content": "a"},), "4", "synthetic_val.jsonl:1", "synthetic-free-chain")
-    ends_with_truth = FakeScorer()
-    ends_with_truth.score_batch = lambda rs, ts, es: [Result(r.endswith(t), r[-1:]) for r, t in zip(rs, ts)]
-    report = evaluate_rows(FakeGenerator({"a": texts}), ends_with_truth, [task_row], SamplingConfig(n=5))
+    report = evaluate_rows(FakeGenerator({"a": texts}), EndsWithTruth(), [task_row], SamplingConfig(n=5))
     # by hand: direct 2/5 (both wrong), stepwise 2/5 (1 right), at_once 1/5 (right); FakeGenerator: len(text) + 1 ids
     assert report["habits"] == pytest.approx(
         {
@@ -124,7 +125,7 @@ def test_habits_are_reported_on_the_built_in_tasks_only():
         }
     )
     assert eval_metrics(report)["eval/habit/stepwise_frac"] == pytest.approx(0.4)
-    other = evaluate_rows(FakeGenerator({"a": texts}), ends_with_truth, [row("a", "4")], SamplingConfig(n=5))
+    other = evaluate_rows(FakeGenerator({"a": texts}), EndsWithTruth(), [row("a", "4")], SamplingConfig(n=5))
     assert other["habits"] == {} and not any("habit" in key for key in eval_metrics(other))
 
 
