@@ -183,25 +183,39 @@ def _load_files(key: str, paths: list[str]) -> list[PromptRow]:
     return load_datasets(paths) if paths else []
 
 
-def load_prompt_rows(cfg: TrainConf, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow], dict[str, int]]:
-    """Train and validation rows (files, or the synthetic task written under output_dir), long prompts dropped."""
+def load_prompt_rows(cfg: TrainConf) -> tuple[list[PromptRow], list[PromptRow]]:
+    """Train and validation rows: the files parsed and checked (DataError naming file and row), or the synthetic
+    task written under output_dir. Needs no model: bad data fails before the model is built or warm-started."""
     d = cfg.data
     if d.train_files:
-        train, val = _load_files("data.train_files", d.train_files), _load_files("data.val_files", d.val_files)
-    else:
-        train_rows, val_rows = synthetic_rows(cfg)
-        data_dir = Path(cfg.trainer.output_dir) / "data"
-        train = load_rows(write_jsonl(train_rows, data_dir / "synthetic_train.jsonl"))
-        val = load_rows(write_jsonl(val_rows, data_dir / "synthetic_val.jsonl"))
+        return _load_files("data.train_files", d.train_files), _load_files("data.val_files", d.val_files)
+    train_rows, val_rows = synthetic_rows(cfg)
+    data_dir = Path(cfg.trainer.output_dir) / "data"
+    train = load_rows(write_jsonl(train_rows, data_dir / "synthetic_train.jsonl"))
+    return train, load_rows(write_jsonl(val_rows, data_dir / "synthetic_val.jsonl"))
 
-    def count(row: PromptRow) -> int:
-        return len(tokenizer.apply_chat_template(list(row.messages), add_generation_prompt=True, tokenize=True))
 
-    train, dropped_train = drop_long_prompts(train, count, d.max_prompt_tokens)
-    dropped_val = 0
-    if val:
-        val, dropped_val = drop_long_prompts(val, count, d.max_prompt_tokens)
-    return train, val, {"data/dropped_long_train_prompts": dropped_train, "data/dropped_long_val_prompts": dropped_val}
+def drop_long_rows(
+    cfg: TrainConf, tokenizer: Any, train: list[PromptRow], val: list[PromptRow]
+) -> tuple[list[PromptRow], list[PromptRow], dict[str, Any]]:
+    """The rows whose rendered prompt fits data.max_prompt_tokens, and a report of the dropped ones: their counts
+    (logged with every step's metrics as data/dropped_long_*_prompts) and sources (run_info.json), printed."""
+    limit = cfg.data.max_prompt_tokens
+    train, dropped_train = drop_long_prompts(train, tokenizer, limit)
+    val, dropped_val = drop_long_prompts(val, tokenizer, limit)
+    for name, dropped in (("train", dropped_train), ("validation", dropped_val)):
+        if dropped:
+            shown = ", ".join(f"{source} ({n} tokens)" for source, n in dropped[:5])
+            more = f" and {len(dropped) - 5} more (run_info.json lists them)" if len(dropped) > 5 else ""
+            print(f"data: dropped {len(dropped)} {name} prompt(s) longer than data.max_prompt_tokens={limit}: "
+                  f"{shown}{more}", flush=True)  # fmt: skip
+    report = {
+        "train_prompts": len(train),
+        "val_prompts": len(val),
+        "dropped_long_train_prompts": [f"{source} ({n} tokens)" for source, n in dropped_train],
+        "dropped_long_val_prompts": [f"{source} ({n} tokens)" for source, n in dropped_val],
+    }
+    return train, val, report
 
 
 def ray_runtime_env(stack_dir: str | Path, run_env: dict[str, str]) -> dict:
@@ -243,7 +257,7 @@ class Run:
     model_dir: str
     train_rows: list[PromptRow]
     val_rows: list[PromptRow]
-    data_metrics: dict[str, int]
+    data_report: dict[str, Any]
     sampler: PromptSampler
     rollout: RolloutGroup
     reward: RewardService
@@ -296,6 +310,14 @@ class Run:
         self.learner.shutdown()
         self.learner = build_learner(self.cfg, self.sizes, self.model_dir, self.layout)
         self.faults.attach("learner", self.learner)
+
+    @property
+    def data_metrics(self) -> dict[str, int]:
+        """The dataset's counts logged with every step: prompts dropped as longer than data.max_prompt_tokens."""
+        return {
+            "data/dropped_long_train_prompts": len(self.data_report["dropped_long_train_prompts"]),
+            "data/dropped_long_val_prompts": len(self.data_report["dropped_long_val_prompts"]),
+        }
 
     def shutdown(self) -> None:
         for part in (self.rollout, self.reward, self.learner, self.advantage):
@@ -372,12 +394,13 @@ def build_run(cfg: TrainConf) -> Run:
 
         print(check_fit(cfg).render(), flush=True)
     preflight(cfg)
+    train_rows, val_rows = load_prompt_rows(cfg)
     run_env = apply_env(cfg.cluster.env)
     model_dir = prepare_model(cfg)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_rows, val_rows, data_metrics = load_prompt_rows(cfg, tokenizer)
+    train_rows, val_rows, data_report = drop_long_rows(cfg, tokenizer, train_rows, val_rows)
     owns_ray = init_ray(cfg, run_env)
     r = cfg.rollout
     engine_kwargs: dict[str, Any] = {
@@ -449,7 +472,7 @@ def build_run(cfg: TrainConf) -> Run:
         model_dir=model_dir,
         train_rows=train_rows,
         val_rows=val_rows,
-        data_metrics=data_metrics,
+        data_report=data_report,
         sampler=PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle),
         rollout=rollout,
         reward=reward,

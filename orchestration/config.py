@@ -422,9 +422,18 @@ class TrainerConf:
     calls are submitted (the advantage actor: just before), once (or on every attempt with :always). Phases:
     rollout generate | update_weights; learner compute_log_probs | update | weight_buckets | save_checkpoint |
     export_hf; reward score; advantage compute (orchestration/faults.py). Empty = none."""
+    hold_at_step: int | None = None
+    """For tests and drills: before this step (from 0) the driver waits until trainer.hold_file exists, having
+    written <hold_file>.reached, so that an outside action (`ray job stop`, a node loss) lands at a known step
+    whatever the machine's speed. null = never."""
+    hold_file: str = ""
+    """The file whose creation releases trainer.hold_at_step (required with it)."""
 
     def __post_init__(self) -> None:
         _positive(self.total_steps, "trainer.total_steps")
+        if self.hold_at_step is not None:
+            _non_negative(self.hold_at_step, "trainer.hold_at_step")
+            _check(bool(self.hold_file), "trainer.hold_file", "must be set with trainer.hold_at_step")
         _check(bool(self.output_dir), "trainer.output_dir", "must not be empty")
         for key in (
             "save_every",

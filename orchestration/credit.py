@@ -37,6 +37,7 @@ import torch
 
 from advantage import FIPOLossConfig, discounted_future_sum, influence_weights
 from advantage.losses import LOG_RATIO_CLAMP
+from rollout.types import chat_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,6 @@ def sample_response(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
     return out[0, len(prompt_ids) :].tolist()
 
 
-def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def compute_traces(
     old_dir: str | Path,
     new_dir: str | Path,
@@ -135,7 +131,7 @@ def compute_traces(
     new = AutoModelForCausalLM.from_pretrained(new_dir, dtype=torch.float32).eval()
     traces = []
     for i, (messages, response, truth) in enumerate(prompts):
-        prompt_ids = render_prompt(tokenizer, messages)
+        prompt_ids = chat_prompt_ids(tokenizer, messages)
         if response is None:
             response_ids = sample_response(old, tokenizer, prompt_ids, max_new_tokens, temperature, seed + i)
         else:

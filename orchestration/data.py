@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rollout.types import chat_prompt_ids
 
 
 class DataError(ValueError):
@@ -105,13 +107,20 @@ def load_datasets(paths: Sequence[str | Path]) -> list[PromptRow]:
 
 
 def drop_long_prompts(
-    rows: Sequence[PromptRow], count_tokens: Callable[[PromptRow], int], max_prompt_tokens: int
-) -> tuple[list[PromptRow], int]:
-    """Keep rows whose rendered prompt has at most `max_prompt_tokens` tokens; return (kept, dropped count)."""
-    kept = [row for row in rows if count_tokens(row) <= max_prompt_tokens]
-    if not kept:
-        raise DataError(f"every one of {len(rows)} prompts is longer than data.max_prompt_tokens={max_prompt_tokens}")
-    return kept, len(rows) - len(kept)
+    rows: Sequence[PromptRow], tokenizer: Any, max_prompt_tokens: int, key: str = "data.max_prompt_tokens"
+) -> tuple[list[PromptRow], list[tuple[str, int]]]:
+    """Keep rows whose prompt, rendered as the engines render it (`chat_prompt_ids`), has at most
+    `max_prompt_tokens` tokens; return (kept, [(source, tokens) of each dropped row]). DataError naming `key`
+    when every row is too long."""
+    counts = [len(chat_prompt_ids(tokenizer, row.messages)) for row in rows]
+    kept = [row for row, n in zip(rows, counts, strict=True) if n <= max_prompt_tokens]
+    dropped = [(row.source, n) for row, n in zip(rows, counts, strict=True) if n > max_prompt_tokens]
+    if rows and not kept:
+        raise DataError(
+            f"every one of the {len(rows)} prompts of {rows[0].source.rsplit(':', 1)[0]} is longer than "
+            f"{key}={max_prompt_tokens} (the shortest has {min(counts)} tokens, rendered with the chat template)"
+        )
+    return kept, dropped
 
 
 class PromptSampler:

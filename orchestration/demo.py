@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestration.env import use_local_defaults
+from orchestration.errors import clean_exit
 from orchestration.eval_metrics import EVAL_METRIC_KEYS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -138,4 +139,5 @@ def _pct(value: float | None) -> str:
 
 
 if __name__ == "__main__":
-    run_demo(sys.argv[1:])
+    with clean_exit():  # a user's mistake: its message alone, no traceback
+        run_demo(sys.argv[1:])

@@ -32,11 +32,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestration.data import PromptRow, drop_long_prompts, load_datasets
+from orchestration.data import DataError, PromptRow, drop_long_prompts, load_datasets
 from orchestration.env import apply_env, cluster_env
+from orchestration.errors import clean_exit
 from orchestration.eval_metrics import EVAL_METRIC_KEYS, majority_correct, pass_at_k, summarize
 from orchestration.tasks import SOURCES, habit_of, habit_stats
 from reward.extract import answers_at_once
+from rollout.engine import PromptTooLongError
 from rollout.types import Sample, SamplingConfig
 
 TASK_SOURCES = frozenset(SOURCES.values())  # rows of the built-in tasks: their responses' habits are reported
@@ -64,6 +66,31 @@ class Scorer(Protocol):
     """What evaluation scores with: reward.RewardService (Ray) or reward.ScorerPool (in process)."""
 
     def score_batch(self, responses: Sequence[str], ground_truths: Sequence[str], extras: Sequence[dict]) -> list: ...
+
+
+def generate_rows(generator: Generator, rows: Sequence[PromptRow], sampling: SamplingConfig) -> list[Sample]:
+    """`generator.generate` of the rows' prompts; a prompt the engines cannot fit is a DataError naming its row
+    (its file and line), never a crash inside vLLM (the loader's data.max_prompt_tokens filter counted it with
+    the driver's tokenizer and chat template: the engines' differ)."""
+    try:
+        return generator.generate([list(r.messages) for r in rows], sampling)
+    except PromptTooLongError as err:
+        raise DataError(
+            f"{rows[err.index].source}: the prompt has {err.prompt_tokens} tokens as the engine renders it; with "
+            f"rollout.max_response_tokens={err.max_tokens} it does not fit the engines' context of "
+            f"{err.max_model_len} tokens (data.max_prompt_tokens + rollout.max_response_tokens). The data loader "
+            "counted it within data.max_prompt_tokens: the engines' tokenizer or chat template differs from the "
+            "driver's (model.path)"
+        ) from None
+
+
+def score_rows(scorer: Scorer, rows: Sequence[PromptRow], samples: Sequence[Sample]) -> list:
+    """Reward every sample against its prompt's ground truth (and the row's extra fields)."""
+    return scorer.score_batch(
+        [s.text for s in samples],
+        [rows[s.prompt_index].ground_truth for s in samples],
+        [rows[s.prompt_index].extra for s in samples],
+    )
 
 
 def evaluate_rows(
@@ -102,12 +129,8 @@ def evaluate_rows(
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         seed = None if sampling.seed is None else sampling.seed + start * k
-        samples = generator.generate([list(r.messages) for r in part], dataclasses.replace(sampling, seed=seed))
-        results = scorer.score_batch(
-            [s.text for s in samples],
-            [part[s.prompt_index].ground_truth for s in samples],
-            [part[s.prompt_index].extra for s in samples],
-        )
+        samples = generate_rows(generator, part, dataclasses.replace(sampling, seed=seed))
+        results = score_rows(scorer, part, samples)
         chunk_problems: list[tuple[list[str | None], list[bool]]] = [([], []) for _ in part]
         for sample, result in zip(samples, results):
             chunk_problems[sample.prompt_index][0].append(result.extracted)
@@ -219,11 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows = rows[: args.limit]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
-    def count(row: PromptRow) -> int:
-        text = tokenizer.apply_chat_template(list(row.messages), tokenize=False, add_generation_prompt=True)
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
-    rows, skipped = drop_long_prompts(rows, count, args.max_prompt_tokens)
+    rows, skipped = drop_long_prompts(rows, tokenizer, args.max_prompt_tokens, key="--max-prompt-tokens")
     sampling = SamplingConfig(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -255,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = {
         "model": str(args.model),
         "data": list(args.data),
-        "skipped_long_prompts": skipped,
+        "skipped_long_prompts": len(skipped),
         "engine": engine_name,
         "sampling": dataclasses.asdict(sampling),
         "max_prompt_tokens": args.max_prompt_tokens,
@@ -272,4 +291,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with clean_exit():  # a bad dataset or option: its message alone, no traceback
+        main()

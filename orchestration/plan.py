@@ -35,6 +35,8 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from orchestration.errors import clean_exit
+
 GIB = 2**30
 GPU_MEMORY_GIB = {"h100": 79.65, "h200": 140.4, "a100-80gb": 79.15, "a100-40gb": 39.39}
 """Total memory of each named GPU as nvidia-smi reports it (H100 SXM 81,559 MiB; H200 143,771 MiB; A100 SXM 81,051
@@ -402,4 +404,5 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    with clean_exit():  # a configuration that cannot work: its message alone, no traceback
+        _main()

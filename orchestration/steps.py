@@ -16,7 +16,7 @@ from orchestration import stacks
 from orchestration.builders import Run
 from orchestration.checkpoint import TrainerState
 from orchestration.data import PromptRow
-from orchestration.evaluate import eval_metrics, evaluate_rows, habit_records
+from orchestration.evaluate import eval_metrics, evaluate_rows, generate_rows, habit_records, score_rows
 from orchestration.faults import say
 from orchestration.layout import PlacementError
 from orchestration.metrics import MetricsLogger
@@ -133,15 +133,6 @@ def sampling_seed(seed: int, step: int, gen_round: int) -> int:
     return ((seed * 1_000_003 + step) * 64 + gen_round) * 10_000_000
 
 
-def score(run: Run, rows: Sequence[PromptRow], samples: Sequence[Any]):
-    """Reward every sample against its prompt's ground truth."""
-    return run.reward.score_batch(
-        [s.text for s in samples],
-        [rows[s.prompt_index].ground_truth for s in samples],
-        [rows[s.prompt_index].extra for s in samples],
-    )
-
-
 def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
     """Generation rounds with dynamic sampling until the step's batch is full (or an error after max rounds).
     Each round draws algorithm.gen_batch_prompts prompts, or, with adaptive rounds, what the running keep-rate
@@ -159,11 +150,9 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
             size = run.round_sizer.size(run.sizes.train_batch_prompts - len(pool.kept))
         rows = [run.train_rows[i] for i in run.sampler.next_indices(size)]
         start = time.perf_counter()
-        samples = run.rollout.generate(
-            [list(r.messages) for r in rows], run.sampling(sampling_seed(run.cfg.seed, step, gen_round))
-        )
+        samples = generate_rows(run.rollout, rows, run.sampling(sampling_seed(run.cfg.seed, step, gen_round)))
         scored = time.perf_counter()
-        rewards = score(run, rows, samples)
+        rewards = score_rows(run.reward, rows, samples)
         seconds["timing_s/rollout_generate"] += scored - start
         seconds["timing_s/rollout_score"] += time.perf_counter() - scored
         pool.add(group_samples(rows, samples, rewards))

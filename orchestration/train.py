@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestration.builders import build_run, stack_dir
 from orchestration.config import TrainConf, register_configs, to_object
+from orchestration.errors import clean_exit
 from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, timing_metrics, to_floats
 from orchestration.pipeline import RolloutPipeline
 from orchestration.sizes import ConfigError
@@ -46,7 +47,8 @@ def train(cfg: TrainConf) -> dict[str, float]:
         latest = run.ckpt.latest() if t.resume == "auto" else None
         state = restore(run, latest)
         info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict()) | {
-            "layout": run.layout_info  # where every learner rank, engine and scorer started
+            "layout": run.layout_info,  # where every learner rank, engine and scorer started
+            "data": run.data_report,  # prompts kept, and those dropped as too long (source, tokens)
         }
         Path(t.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
@@ -69,6 +71,8 @@ def train(cfg: TrainConf) -> dict[str, float]:
         metrics: dict[str, float] = {}
         while state.step < t.total_steps:
             step = run.faults.step = state.step
+            if step == t.hold_at_step:
+                hold(t.hold_file, step)
             timings: dict[str, float] = {}
             start = time.perf_counter()
             metrics = dict(run.data_metrics)
@@ -124,6 +128,14 @@ def train(cfg: TrainConf) -> dict[str, float]:
         run.shutdown()
 
 
+def hold(path: str, step: int) -> None:
+    """trainer.hold_at_step: write `<path>.reached`, then wait until `path` exists (tests and drills)."""
+    Path(f"{path}.reached").write_text(str(step))
+    print(f"hold: waiting before step {step} until {path} exists (trainer.hold_at_step)", flush=True)
+    while not Path(path).exists():
+        time.sleep(0.2)
+
+
 def sweep_member(cfg: DictConfig) -> DictConfig:
     """In a sweep (`-m`), this member's output_dir is its own folder (hydra.sweep.dir/subdir); its wandb run is
     named after that folder and grouped by the sweep (unless logger.run_name / logger.group are set)."""
@@ -148,7 +160,8 @@ register_resolver()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(to_object(sweep_member(cfg)))
+    with clean_exit():  # a user's mistake: its message alone, no traceback
+        train(to_object(sweep_member(cfg)))
 
 
 if __name__ == "__main__":

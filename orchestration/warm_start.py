@@ -109,10 +109,11 @@ def cache_key(base_model: str | Path, examples: Sequence[tuple[Sequence[dict], s
 
 def encode_examples(tokenizer, examples: Sequence[tuple[Sequence[dict], str]]) -> list[tuple[list[int], int]]:
     """Token ids of prompt + solution + eos for each example, and where the response starts (its prompt length)."""
+    from rollout.types import chat_prompt_ids  # torch, imported where it is used (as below)
+
     out = []
     for messages, solution in examples:
-        prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = chat_prompt_ids(tokenizer, messages)
         response_ids = tokenizer.encode(solution, add_special_tokens=False) + [tokenizer.eos_token_id]
         out.append((prompt_ids + response_ids, len(prompt_ids)))
     return out

@@ -45,7 +45,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from rollout.types import LogprobsMode, Prompt, Sample, SamplingConfig
+from rollout.types import LogprobsMode, Prompt, Sample, SamplingConfig, chat_prompt_ids
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
@@ -117,8 +117,7 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt], *, index_offset: int = 
         if len(prompt) == 0:
             raise ValueError(f"prompt {index_offset + index} is empty")
         if all(isinstance(item, dict) for item in prompt):
-            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            rendered.append(tokenizer.encode(text, add_special_tokens=False))
+            rendered.append(chat_prompt_ids(tokenizer, prompt))
         elif all(isinstance(item, int) for item in prompt):
             rendered.append([int(t) for t in prompt])
         else:
@@ -128,16 +127,31 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt], *, index_offset: int = 
     return rendered
 
 
+class PromptTooLongError(ValueError):
+    """A prompt whose length + max_tokens exceeds the engine's context. `index` is its position in the
+    `generate` call (with the caller's offset), so that the caller can name the row it came from."""
+
+    def __init__(self, index: int, prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            f"prompt {index} is too long: {prompt_tokens} prompt tokens + max_tokens {max_tokens} = "
+            f"{prompt_tokens + max_tokens} > the model's context length max_model_len={max_model_len}"
+        )
+        self.index, self.prompt_tokens, self.max_tokens, self.max_model_len = (
+            index, prompt_tokens, max_tokens, max_model_len
+        )  # fmt: skip
+
+    def __reduce__(self):  # crosses Ray intact (the default pickles only the message)
+        return type(self), (self.index, self.prompt_tokens, self.max_tokens, self.max_model_len)
+
+
 def check_prompt_lengths(
     prompt_ids: Sequence[Sequence[int]], max_tokens: int, max_model_len: int, *, index_offset: int = 0
 ) -> None:
-    """Raise ValueError naming the first prompt whose length + max_tokens exceeds the model's context."""
+    """Raise PromptTooLongError naming the first prompt whose length + max_tokens exceeds the model's context,
+    before anything reaches vLLM."""
     for index, ids in enumerate(prompt_ids):
         if len(ids) + max_tokens > max_model_len:
-            raise ValueError(
-                f"prompt {index_offset + index} is too long: {len(ids)} prompt tokens + max_tokens {max_tokens} = "
-                f"{len(ids) + max_tokens} > the model's context length max_model_len={max_model_len}"
-            )
+            raise PromptTooLongError(index_offset + index, len(ids), max_tokens, max_model_len)
 
 
 def generation_prompt_ids(engine, prompts: Sequence[Prompt], max_tokens: int, index_offset: int) -> list[list[int]]:

@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from actors import Loss, location, supervise
-from rollout.engine import resolve_model_path
+from rollout.engine import PromptTooLongError, resolve_model_path
 from rollout.types import Prompt, Sample, SamplingConfig
 from rollout.worker import EngineKind, RolloutWorker
 
@@ -210,8 +210,10 @@ class RolloutGroup:
             budget = f" ({restarted} restart(s) in this call, max_restarts={allowed})" if allowed else ""
             return RuntimeError("; ".join(f"rollout worker {loss.worker} {loss.cause}" for loss in lost) + budget)
 
-        def task_error(rank: int, error: RayTaskError) -> RuntimeError:  # its message first, then its traceback
+        def task_error(rank: int, error: RayTaskError) -> Exception:  # its message first, then its traceback
             cause = error.cause if isinstance(error.cause, BaseException) else error
+            if isinstance(cause, PromptTooLongError):  # bad input, not a bug: the caller names the row
+                return cause
             return RuntimeError(
                 f"rollout worker {rank} failed during {what}: {type(cause).__name__}: {cause}\n"
                 f"worker traceback:\n{error}"

@@ -23,6 +23,16 @@ FinishReason = Literal["stop", "length"]
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
 
+def chat_prompt_ids(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """The token ids a chat prompt is generated from: the model's chat template with the generation prompt,
+    rendered to text, then encoded without special tokens (the template writes its own). The one way the project
+    renders and counts a prompt: the engines, the data loader's `data.max_prompt_tokens` filter, the evaluation
+    CLI, `credit` and the warm-start all call it. (`apply_chat_template(..., tokenize=True)` returns a
+    `BatchEncoding` in transformers 5, whose `len()` is its number of keys, not of tokens.)"""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to sample. Field names follow vLLM's `SamplingParams`.

@@ -207,25 +207,30 @@ def test_a_node_that_cannot_see_the_output_dir_is_refused_by_name(cluster, tiny_
 
 
 def test_a_stopped_job_submitted_again_resumes_to_the_same_metrics(cluster, reference, tiny_dir, tmp_path):
-    """`ray job stop` once the first checkpoint is written (the driver and every actor of the job go), then the
-    same command again: it resumes from the newest checkpoint and ends with the uninterrupted run's metrics."""
+    """`ray job stop` at a known step (the driver holds before step 2 until a file appears, which it never does:
+    the stop cannot race the run's end on any machine), then the same command again: it resumes from the
+    newest checkpoint and ends with the uninterrupted run's metrics."""
     ensure_workers(cluster, 2)
-    out = tmp_path / "run"
-    result = submit(cluster, out, tiny_dir, "cluster.layout=separate", wait=False, submission_id="fipo-stop-test")
+    out, gate = tmp_path / "run", tmp_path / "never"
+    hold = ["trainer.hold_at_step=2", f"trainer.hold_file={gate}"]
+    result = submit(cluster, out, tiny_dir, "cluster.layout=separate", *hold, wait=False, submission_id="fipo-stop")
     assert result.returncode == 0, result.stderr[-3000:]
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step_1" / STATE_FILE).exists():
-        assert time.monotonic() < deadline, cluster.ray(
-            "job", "logs", "--address", cluster.address, "fipo-stop-test"
-        ).stdout
+    reached = Path(f"{gate}.reached")
+    while not reached.exists():  # bounded by the job: it ends (failed) or reaches the hold
+        status = cluster.ray("job", "status", "--address", cluster.address, "fipo-stop").stdout.lower()
+        assert "running" in status or "pending" in status, cluster.ray("job", "logs", "--address", cluster.address,
+                                                                       "fipo-stop").stdout  # fmt: skip
         time.sleep(0.5)
-    stop = cluster.ray("job", "stop", "--address", cluster.address, "fipo-stop-test", check=False)
+    assert len(metrics(out)) == 2 and (out / "checkpoints" / "step_2" / STATE_FILE).exists()
+    started = time.monotonic()
+    stop = cluster.ray("job", "stop", "--address", cluster.address, "fipo-stop", check=False)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    status = cluster.ray("job", "status", "--address", cluster.address, "fipo-stop-test")
+    print(f"`ray job stop` returned after {time.monotonic() - started:.1f} s")
+    status = cluster.ray("job", "status", "--address", cluster.address, "fipo-stop")
     assert "stopped" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
-    assert len(metrics(out)) < 4, "the job was stopped before its end"
+    assert len(metrics(out)) == 2, "nothing ran after the stop"
     again = submit(cluster, out, tiny_dir, "cluster.layout=separate")
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-5000:]
-    assert re.search(r"resumed from \S+step_\d \(step \d", log)
+    assert re.search(r"resumed from \S+step_2 \(step 2, policy version 2\)", log), log[-5000:]
     assert metrics(out) == metrics(reference)

@@ -10,7 +10,7 @@ import pytest
 from orchestration.config import DataConf
 from orchestration.data import DataError, PromptSampler, drop_long_prompts, load_datasets, load_rows
 from orchestration.sizes import ConfigError, derive_sizes
-from orchestration.tasks import habit_of, habit_stats, make_rows, worked_solution, write_jsonl
+from orchestration.tasks import habit_of, habit_stats, make_rows, worked_solution
 from reward.math import score_math
 
 AIME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aime-2024.jsonl"
@@ -69,14 +69,42 @@ def test_missing_file_and_bad_suffix(tmp_path):
         load_rows(tmp_path / "x.csv")
 
 
-def test_drop_long_prompts_counts(tmp_path):
-    rows, _ = make_rows(10, 0, seed=1)
-    parsed = load_rows(write_jsonl(rows, tmp_path / "rows.jsonl"))
-    kept, dropped = drop_long_prompts(parsed, lambda r: len(r.messages[0]["content"]), 34)
-    assert dropped == sum(len(r["prompt"][0]["content"]) > 34 for r in rows) and 0 < dropped < 10
-    assert len(kept) + dropped == 10 and all(len(r.messages[0]["content"]) <= 34 for r in kept)
-    with pytest.raises(DataError, match="max_prompt_tokens=1"):
-        drop_long_prompts(parsed, lambda r: 100, 1)
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from rollout import build_tiny_model
+
+    return AutoTokenizer.from_pretrained(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def test_drop_long_prompts_counts_rendered_tokens_under_at_and_over_the_limit(tmp_path, tokenizer):
+    """Prompts of exactly limit - 1, limit and limit + 1 tokens, and a long one in multi-byte text, counted
+    independently of chat_prompt_ids: by the template's own tokenization, `apply_chat_template(tokenize=True)
+    ["input_ids"]` (the filter used to take `len()` of that BatchEncoding: 2 for every prompt)."""
+    limit = 300
+
+    def tokens(content):
+        messages = [{"role": "user", "content": content}]
+        return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+    overhead = tokens("")
+    assert tokens("x" * 10) == overhead + 10, "the tiny tokenizer is byte-level: one token per ASCII character"
+    contents = {n: "x" * (n - overhead) for n in (limit - 1, limit, limit + 1)}
+    long = "é ∑ " * limit
+    contents[tokens(long)] = long
+    assert [tokens(c) for c in contents.values()] == list(contents) and list(contents)[3] > 6 * limit
+    path = tmp_path / "rows.jsonl"
+    lines = [
+        {"prompt": [{"role": "user", "content": c}], "reward_model": {"ground_truth": "1"}} for c in contents.values()
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    kept, dropped = drop_long_prompts(load_rows(path), tokenizer, limit)
+    assert [r.source for r in kept] == [f"{path}:1", f"{path}:2"]
+    assert dropped == [(f"{path}:3", limit + 1), (f"{path}:4", list(contents)[3])]
+    everyone = rf"every one of the 4 prompts of {path} is longer than data.max_prompt_tokens=10 \(the shortest has"
+    with pytest.raises(DataError, match=rf"{everyone} {limit - 1} tokens"):
+        drop_long_prompts(load_rows(path), tokenizer, 10)
 
 
 def test_sampler_is_a_permutation_per_epoch_and_resumes_exactly():

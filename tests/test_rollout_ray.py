@@ -8,6 +8,7 @@ import pytest
 import torch
 from float64_checks import check_sample_log_probs
 
+from rollout.engine import PromptTooLongError
 from rollout.reference import load_reference_model, perturbed_state_dict
 from rollout.tiny import build_tiny_model
 from rollout.types import SamplingConfig, samples_to_batch
@@ -82,8 +83,9 @@ def test_worker_errors_reach_the_caller_with_their_message(group, tmp_path):
 
     too_long = PROMPTS[:4] + [[257] * 250]  # prompt 4 lands on worker 1, as its local prompt 1
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"worker 1 failed during generate.*prompt 4 is too long: 250"):
+    with pytest.raises(PromptTooLongError, match=r"prompt 4 is too long: 250") as raised:  # bad input: as itself
         group.generate(too_long, SamplingConfig(max_tokens=16))
+    assert (raised.value.index, raised.value.prompt_tokens, raised.value.max_tokens) == (4, 250, 16)
     assert time.monotonic() - start < 30
     with pytest.raises(ValueError, match="empty batch"):
         group.generate([], SamplingConfig())
@@ -134,7 +136,7 @@ def test_lost_worker_is_restarted_and_only_its_shard_regenerated(ray_cluster, gr
         assert restarts[-1] == (0, "update_weights") and len(stats) == 2 and stats[0]["bytes"] == stats[1]["bytes"]
         assert [s.response_ids for s in group.generate(PROMPTS, sampling)] == [s.response_ids for s in expected]
 
-        with pytest.raises(RuntimeError, match="worker 1 failed during generate.*too long"):  # raised: no retry
+        with pytest.raises(PromptTooLongError, match="prompt 4 is too long"):  # raised: no retry
             group.generate(PROMPTS[:4] + [[257] * 250], SamplingConfig(max_tokens=16))
         assert group.restarts == 2
     finally:

@@ -1,0 +1,49 @@
+"""What a user's mistake looks like on the console: its message alone, no traceback.
+
+A bad config value, a bad dataset row, resources the cluster cannot place, a worker that keeps failing: each
+is raised as an error whose message names the key, file, row or node (ConfigError, DataError, PlacementError,
+RestartBudgetError). The entry points (`python -m orchestration.train`, `orchestration.demo`,
+`orchestration.evaluate`, `orchestration.plan`) run inside `clean_exit()`, which prints such an error as
+`error: <message>` on stderr and exits with status 1; it is also found as the cause of a failed step
+(StageError). Anything else is a bug and keeps its traceback. Nothing computed is lost on the way out: the
+training loop's own `finally` has closed the metrics log and the actors by then.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from orchestration.data import DataError
+from orchestration.faults import RestartBudgetError
+from orchestration.layout import PlacementError
+from orchestration.sizes import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, PlacementError, RestartBudgetError)
+"""Errors whose message is the whole story."""
+
+
+def user_message(err: BaseException, kinds: tuple[type[BaseException], ...] = USER_ERRORS) -> str | None:
+    """The message to print for `err` when it, or an error in its cause chain, is one of `kinds`: the
+    outermost message (a failed step's names the step and stage, then the cause); None for anything else."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, kinds):
+            return str(err)
+        cause = cause.__cause__
+    return None
+
+
+@contextmanager
+def clean_exit() -> Iterator[None]:
+    """Run an entry point: a user error (USER_ERRORS) ends the process with `error: <message>` and status 1,
+    without a traceback; any other exception propagates unchanged."""
+    try:
+        yield
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
