@@ -24,7 +24,15 @@ from learner.group import LearnerGroup
 from orchestration import stacks
 from orchestration.checkpoint import CheckpointManager
 from orchestration.config import SMALL_ACTOR_CPUS, TrainConf
-from orchestration.data import PromptRow, PromptSampler, drop_long_prompts, load_datasets, load_rows
+from orchestration.data import (
+    DataError,
+    PromptRow,
+    PromptSampler,
+    drop_long_prompts,
+    find_duplicates,
+    load_datasets,
+    load_rows,
+)
 from orchestration.env import LOCAL_DEFAULTS, apply_env
 from orchestration.faults import Faults, FaultSpec
 from orchestration.layout import Layout, describe, record
@@ -176,19 +184,49 @@ def warm_start_examples(cfg: TrainConf) -> list[tuple[list[dict], str]]:
 
 
 def _load_files(key: str, paths: list[str]) -> list[PromptRow]:
-    """Rows of the files under config key `key`; a missing file is a ConfigError naming the key and file."""
-    missing = [p for p in paths if not Path(p).is_file()]
+    """Rows of the files under config key `key`: a missing file or a directory is a ConfigError naming the key
+    and the path, a bad file (an empty one included) a DataError naming the key, the file and the row."""
+    missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise ConfigError(f"{key}: file(s) not found: {missing} (relative paths are from {Path.cwd()})")
-    return load_datasets(paths) if paths else []
+    folders = [p for p in paths if Path(p).is_dir()]
+    if folders:
+        raise ConfigError(f"{key}: {folders} is a directory, not a file: list the .jsonl / .parquet files in it")
+    rows = []
+    for path in paths:
+        try:
+            rows += load_rows(path)
+        except DataError as err:
+            raise DataError(f"{key}: {err}") from err
+    return rows
+
+
+def report_duplicates(name: str, rows: list[PromptRow]) -> list[tuple[str, str]]:
+    """Print how many of `rows` repeat an earlier row's prompt and ground truth (they stay in the dataset, so a
+    repeated problem is drawn as often as its copies), naming the first few; returns `find_duplicates(rows)`."""
+    duplicates = find_duplicates(rows)
+    if duplicates:
+        shown = ", ".join(f"{source} (= {first})" for source, first in duplicates[:3])
+        more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
+        print(f"data: {len(duplicates)} {name} row(s) repeat an earlier row's prompt and ground truth (kept, so "
+              f"drawn as often as their copies): {shown}{more}", flush=True)  # fmt: skip
+    return duplicates
 
 
 def load_prompt_rows(cfg: TrainConf) -> tuple[list[PromptRow], list[PromptRow]]:
     """Train and validation rows: the files parsed and checked (DataError naming file and row), or the synthetic
-    task written under output_dir. Needs no model: bad data fails before the model is built or warm-started."""
-    d = cfg.data
+    task written under output_dir. Needs no model: bad data fails before the model is built or warm-started.
+    Duplicate rows are printed (and kept); with data files but no data.val_files, a line says that there is no
+    evaluation."""
+    d, t = cfg.data, cfg.trainer
     if d.train_files:
-        return _load_files("data.train_files", d.train_files), _load_files("data.val_files", d.val_files)
+        train, val = _load_files("data.train_files", d.train_files), _load_files("data.val_files", d.val_files)
+        report_duplicates("train", train)
+        report_duplicates("validation", val)
+        if not val and (t.eval_every or t.eval_before_train):
+            print("data: no data.val_files, so no evaluation (trainer.eval_every / trainer.eval_before_train have "
+                  "nothing to evaluate)", flush=True)  # fmt: skip
+        return train, val
     train_rows, val_rows = synthetic_rows(cfg)
     data_dir = Path(cfg.trainer.output_dir) / "data"
     train = load_rows(write_jsonl(train_rows, data_dir / "synthetic_train.jsonl"))

@@ -202,9 +202,14 @@ class DataConf:
     train_files: list[str] = field(default_factory=list)
     """Training .jsonl/.parquet files; empty = the built-in synthetic arithmetic task."""
     val_files: list[str] = field(default_factory=list)
-    """Evaluation files; empty with an empty train_files = the synthetic task's held-out split."""
+    """Evaluation files; empty with an empty train_files = the synthetic task's held-out split; empty with
+    train_files = no evaluation (a start-up line says so). Duplicate rows in either are kept, and their count
+    printed at start-up."""
     max_prompt_tokens: int = 2048
-    """Prompts longer than this (chat template applied) are dropped at start-up, with a logged count."""
+    """Prompts longer than this many tokens, rendered as the engines render them (chat template with the
+    generation prompt, rollout.types.chat_prompt_ids), are dropped at start-up: counted in every metrics row
+    (data/dropped_long_*_prompts), listed by file:line in run_info.json's `data`, the first five printed. The
+    engines' context is this + rollout.max_response_tokens."""
     shuffle: bool = True
     """Shuffle the training prompts every epoch (seeded; the position is part of the checkpoint)."""
     synthetic_train_prompts: int = 2000

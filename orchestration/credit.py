@@ -29,6 +29,8 @@ import html
 import json
 import math
 import random
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,10 +138,11 @@ def compute_traces(
             response_ids = sample_response(old, tokenizer, prompt_ids, max_new_tokens, temperature, seed + i)
         else:
             response_ids = tokenizer.encode(response, add_special_tokens=False)
-        if not response_ids:
-            continue
-        old_lp = token_log_probs(old, prompt_ids, response_ids)[None]
-        new_lp = token_log_probs(new, prompt_ids, response_ids)[None]
+        if response_ids:
+            old_lp = token_log_probs(old, prompt_ids, response_ids)[None]
+            new_lp = token_log_probs(new, prompt_ids, response_ids)[None]
+        else:  # an empty response: a trace of no tokens, shown as such (its reward is still the verifier's)
+            old_lp = new_lp = torch.zeros((1, 0), dtype=torch.float32)
         c = credit(old_lp, new_lp, torch.ones_like(old_lp, dtype=torch.bool), config)
         text = tokenizer.decode(response_ids, skip_special_tokens=True)
         traces.append(
@@ -211,9 +214,13 @@ def render_html(traces: Sequence[Trace], config: FIPOLossConfig, title: str) -> 
         f_max = max((abs(v) for v in trace.future_kl), default=0.0)
         prompt = " / ".join(m["content"] for m in trace.messages)
         reward = (
-            "" if trace.reward is None else f" · reward {trace.reward:+g} (truth {html.escape(trace.ground_truth)})"
+            ""
+            if trace.reward is None
+            else f" · reward {trace.reward:+g} (truth {html.escape(str(trace.ground_truth))})"
         )
         parts.append(f"<div class='trace' id='trace-{i}'><h3>trace {i}: {html.escape(prompt)}{reward}</h3>")
+        if not trace.tokens:
+            parts.append("<p class='row'>(empty response: no tokens)</p>")
         for row, values, shift, scale in (
             ("by f (influence weight)", trace.weights, 1.0, f_scale),
             ("by F (future-KL)", trace.future_kl, 0.0, f_max),
@@ -280,12 +287,15 @@ def credit_figure(traces: Sequence[Trace], config: FIPOLossConfig, title: str):
 
 
 def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path, title: str) -> Path:
-    """credit_figure saved as a PNG at `path`."""
+    """credit_figure saved as a PNG at `path`. A character the font lacks (CJK, emoji) is drawn as a box,
+    without matplotlib's warning per missing glyph."""
     import matplotlib.pyplot as plt
 
     fig = credit_figure(traces, config, title)
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -304,11 +314,27 @@ def last_two_checkpoints(run_dir: str | Path) -> tuple[Path, Path]:
     return done[-2], done[-1]
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: object) -> str:
+    """A JSON string as text the tokenizer and the HTML page take: a lone surrogate (JSON "\\ud800", which
+    no decoder writes) becomes U+FFFD; a number becomes its string."""
+    return LONE_SURROGATE.sub("\ufffd", str(value))
+
+
 def load_prompts(args: argparse.Namespace) -> list[tuple[list[dict], str | None, str | None]]:
     """(messages, response or None, ground truth or None) for each trace to show."""
     if args.traces:
         rows = [json.loads(line) for line in Path(args.traces).read_text().splitlines() if line.strip()]
-        return [(r["messages"], r["response"], r.get("ground_truth")) for r in rows[: args.num_traces]]
+        return [
+            (
+                [{**m, "content": _text(m["content"])} for m in r["messages"]],
+                _text(r["response"]),
+                None if r.get("ground_truth") is None else _text(r["ground_truth"]),
+            )
+            for r in rows[: args.num_traces]
+        ]
     from orchestration.data import load_datasets
 
     data = args.data or [str(Path(args.run_dir) / "data" / "synthetic_val.jsonl")]
@@ -381,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     record = {"old": str(old), "new": str(new), "config": asdict(config), "traces": [asdict(t) for t in traces]}
     paths["json"].write_text(json.dumps(record, indent=1))
     for trace in traces:
+        if not trace.tokens:
+            print(f"{trace.messages[-1]['content']!r}: an empty response (no tokens)")
+            continue
         print(
             f"{trace.messages[-1]['content']!r}: {len(trace.tokens)} tokens, "
             f"Δ mean {sum(trace.delta) / len(trace.delta):+.4f}, "

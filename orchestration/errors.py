@@ -1,12 +1,13 @@
 """What a user's mistake looks like on the console: its message alone, no traceback.
 
-A bad config value, a bad dataset row, resources the cluster cannot place, a worker that keeps failing: each
-is raised as an error whose message names the key, file, row or node (ConfigError, DataError, PlacementError,
-RestartBudgetError). The entry points (`python -m orchestration.train`, `orchestration.demo`,
-`orchestration.evaluate`, `orchestration.plan`) run inside `clean_exit()`, which prints such an error as
-`error: <message>` on stderr and exits with status 1; it is also found as the cause of a failed step
-(StageError). Anything else is a bug and keeps its traceback. Nothing computed is lost on the way out: the
-training loop's own `finally` has closed the metrics log and the actors by then.
+A bad config value, a bad dataset row, resources the cluster cannot place, a worker that keeps failing, a disk
+that fills while saving: each is raised as an error whose message names the key, file, row, node or path
+(ConfigError, DataError, PlacementError, RestartBudgetError, CheckpointError). The entry points (`python -m
+orchestration.train`, `orchestration.demo`, `orchestration.evaluate`, `orchestration.plan`) run inside
+`clean_exit()`, which prints such an error as `error: <message>` on stderr and exits with status 1; it is also
+found as the cause of a failed step (StageError). Anything else is a bug and keeps its traceback. Nothing
+computed is lost on the way out: the training loop's own `finally` has closed the metrics log and the actors
+by then.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from orchestration.checkpoint import CheckpointError
 from orchestration.data import DataError
 from orchestration.faults import RestartBudgetError
 from orchestration.layout import PlacementError
 from orchestration.sizes import ConfigError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, PlacementError, RestartBudgetError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    PlacementError,
+    RestartBudgetError,
+    CheckpointError,
+)
 """Errors whose message is the whole story."""
 
 

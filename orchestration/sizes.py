@@ -62,9 +62,10 @@ def derive_sizes(
 ) -> DerivedSizes:
     """Check the batch-size knobs against each other and derive the step schedule.
 
-    Raises ConfigError naming the offending keys: sizes that are not positive or don't divide, a generation
-    round smaller than the train batch, a micro-batch budget smaller than one sequence, and FIPO with a single
-    mini-batch per step (θ = θ_old on every update, so FIPO would silently equal DAPO; FIPO_SPEC §4).
+    Raises ConfigError naming the offending keys: sizes that are not positive or don't divide, a mini-batch
+    larger than the train batch, a generation round smaller than the train batch, a micro-batch budget smaller
+    than one sequence, and FIPO with a single mini-batch per step (θ = θ_old on every update, so FIPO would
+    silently equal DAPO; FIPO_SPEC §4).
     Without dynamic sampling (`filter_groups` false) every group is kept, so a generation round is exactly the
     train batch, whatever gen_batch_prompts says.
     """
@@ -82,6 +83,11 @@ def derive_sizes(
     for key, value in positives.items():
         if not (isinstance(value, int) and value > 0):
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if mini_batch_prompts > train_batch_prompts:
+        raise ConfigError(
+            f"algorithm.mini_batch_prompts={mini_batch_prompts} is larger than "
+            f"algorithm.train_batch_prompts={train_batch_prompts} (a mini-batch is a part of a step's batch)"
+        )
     if train_batch_prompts % mini_batch_prompts:
         raise ConfigError(
             f"algorithm.train_batch_prompts={train_batch_prompts} is not a multiple of "

@@ -14,7 +14,7 @@ from advantage import RolloutBatch
 from learner.group import LearnerRankError
 from orchestration import stacks
 from orchestration.builders import Run
-from orchestration.checkpoint import TrainerState
+from orchestration.checkpoint import CheckpointError, TrainerState
 from orchestration.data import PromptRow
 from orchestration.evaluate import eval_metrics, evaluate_rows, generate_rows, habit_records, score_rows
 from orchestration.faults import say
@@ -81,6 +81,8 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
     push those weights to the engines and drop the metrics rows after it; returns the restored state, from
     which the loop replays (resume is exact, so the replayed steps are the same). Re-raises anything else, and
     raises RestartBudgetError when the step has failed more than trainer.max_restarts times."""
+    if isinstance(err.__cause__, CheckpointError):  # the storage cannot take a checkpoint (a full disk): a replay
+        raise err  # would fail the same way; the run stops, its older checkpoints intact
     error: BaseException = err
     lost_at, attempts = time.monotonic(), 0
     while True:

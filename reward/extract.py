@@ -16,6 +16,10 @@ surrounding `$...$` / `\\(...\\)` / `\\[...\\]`, `\\boxed{}`, markdown `**`, "Th
 "x =" (everything up to the last "="), trailing punctuation, units and text after a number ("204 minutes",
 `5\\text{ cm}`, `30^\\circ`, `50\\%`), LaTeX spacing (`\\,` `\\!` `~`), `\\left`/`\\right`,
 `\\dfrac`/`\\tfrac`, thousands separators ("1,000", "1{,}000"), a leading "+" and the Unicode minus.
+Unicode math is read as its LaTeX ("½" and "3½" as 1/2 and 7/2, "⁄" as "/", "x²" as x^{2}, "√2" as \\sqrt{2},
+"∞" as \\infty), and what no one sees is removed: format characters (zero-width space, BOM, ...) and U+FFFD
+(what a decoder writes for bytes cut off mid-character, e.g. in a response that hit its token limit). Control
+characters and lone surrogates are kept: an answer holding them is wrong.
 `as_exact_number` then reads integers (leading zeros allowed), decimals and integer fractions exactly, so
 "007" == "7" and `\\frac{1}{2}` == "0.5" need no sympy.
 """
@@ -23,6 +27,7 @@ surrounding `$...$` / `\\(...\\)` / `\\[...\\]`, `\\boxed{}`, markdown `**`, "Th
 from __future__ import annotations
 
 import re
+import unicodedata
 from fractions import Fraction
 
 DAPO_TAIL_CHARS = 300
@@ -54,6 +59,41 @@ _INT_RE = re.compile(r"-?\d+")
 _DECIMAL_RE = re.compile(r"-?(?:\d+\.\d*|\.\d+)")
 _FRAC_RE = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
 _SLASH_RE = re.compile(r"(-?\d+)/(-?\d+)")
+
+
+def _vulgar_fractions() -> dict[str, tuple[int, int]]:
+    """{"½": (1, 2), ...}: the Unicode characters that are one fraction (NFKC "1⁄2")."""
+    out = {}
+    for code in (*range(0x00BC, 0x00BF), *range(0x2150, 0x218A)):
+        m = re.fullmatch(r"(\d+)\u2044(\d+)", unicodedata.normalize("NFKC", chr(code)))
+        if m:
+            out[chr(code)] = (int(m.group(1)), int(m.group(2)))
+    return out
+
+
+_VULGAR = _vulgar_fractions()
+_VULGAR_RE = re.compile(rf"(?<!\d)(\d*)\s?([{''.join(_VULGAR)}])")  # a digit run is tried once, from its start
+_SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+_SUPERSCRIPT_RE = re.compile(r"⁻?[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+_SQRT_RE = re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z])")
+
+
+def _unicode_math(s: str) -> str:
+    """Unicode math written as the LaTeX / ASCII the rest of the normalisation reads; unseen characters and
+    U+FFFD removed (see the module docstring)."""
+    if s.isascii():
+        return s
+    s = "".join(ch for ch in s if ch != "\ufffd" and unicodedata.category(ch) != "Cf")
+
+    def fraction(m: re.Match) -> str:
+        whole, (num, den) = m.group(1), _VULGAR[m.group(2)]
+        if len(whole) > MAX_NUMBER_CHARS:
+            return m.group(0)
+        return f"{int(whole) * den + num}/{den}" if whole else f"{num}/{den}"
+
+    s = _VULGAR_RE.sub(fraction, s).replace("\u2044", "/")
+    s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group(0).translate(_SUPERSCRIPTS) + "}", s)
+    return _SQRT_RE.sub(lambda m: "\\sqrt{" + m.group(1) + "}", s).replace("∞", "\\infty")
 
 
 def extract_answer(response: str, tail_chars: int = DAPO_TAIL_CHARS) -> str | None:
@@ -127,7 +167,7 @@ def last_boxed(text: str) -> str | None:
 def normalize_answer(answer: str) -> str:
     """Normalise an answer string for comparison (see the module docstring). Whitespace is collapsed, not
     removed (LaTeX like `\\pi r` needs it); compare with `compare_key`."""
-    s = answer.replace("\u2212", "-").replace("\u00a0", " ").replace("\\$", "")
+    s = _unicode_math(answer.replace("\u2212", "-").replace("\u00a0", " ").replace("\\$", ""))
     s = s.strip().strip("*_").strip()
     s = _LEADING_PHRASE_RE.sub("", s)
     for delim in _MATH_DELIMS:

@@ -115,9 +115,10 @@ def samples_to_batch(samples: Sequence[Sample], pad_token_id: int) -> RolloutBat
     """Pad a list of samples into a `RolloutBatch` (B = len(samples), rows in the given order).
 
     prompt_ids [B, P] int64 left-padded with `pad_token_id`, prompt_mask [B, P] bool; response_ids [B, T] int64
-    right-padded, response_mask [B, T] bool (True on every sampled token, EOS included); rollout_log_probs
-    [B, T] float32 (0 on padding); group_index [B] int64 = prompt_index; policy_version = the samples'
-    version (they must agree: a batch comes from one set of weights).
+    right-padded (T >= 1: one column of padding when every response is empty), response_mask [B, T] bool (True
+    on every sampled token, EOS included); rollout_log_probs [B, T] float32 (0 on padding); group_index [B] int64
+    = prompt_index; policy_version = the samples' version (they must agree: a batch comes from one set of
+    weights).
     """
     if not samples:
         raise ValueError("samples_to_batch: no samples")
@@ -126,7 +127,7 @@ def samples_to_batch(samples: Sequence[Sample], pad_token_id: int) -> RolloutBat
         raise ValueError(f"samples_to_batch: samples come from several policy versions {versions}")
     b = len(samples)
     p = max(len(s.prompt_ids) for s in samples)
-    t = max(len(s.response_ids) for s in samples)
+    t = max(1, *(len(s.response_ids) for s in samples))  # >= 1 column: a batch of empty responses keeps [B, 1]
     prompt_ids = torch.full((b, p), pad_token_id, dtype=torch.int64)
     prompt_mask = torch.zeros((b, p), dtype=torch.bool)
     response_ids = torch.full((b, t), pad_token_id, dtype=torch.int64)

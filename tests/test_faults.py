@@ -75,8 +75,9 @@ def test_restarts_are_counted_with_the_time_from_the_loss(capsys):
 
 def test_an_injected_fault_kills_only_the_chosen_process_once():
     """A real SIGKILL by pid (plain child processes stand in for the workers of this machine); `always` kills
-    on every attempt."""
-    victims = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    on every attempt. The victims wait for a signal (never for a time), so a victim still running after the
+    others were killed is one that was left alone, on a machine of any speed."""
+    victims = [subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"]) for _ in range(3)]
     try:
         faults = Faults([FaultSpec.parse("rollout:1@2:generate")], max_restarts=1)
         processes = {rank: (proc.pid, None) for rank, proc in enumerate(victims[:2])}
@@ -87,13 +88,13 @@ def test_an_injected_fault_kills_only_the_chosen_process_once():
         faults.submitted("reward", "generate", processes)  # not the kind
         assert [proc.poll() for proc in victims] == [None, None, None]
         faults.submitted("rollout", "generate", processes)
-        assert victims[1].wait(timeout=10) == -9 and victims[0].poll() is None
+        assert victims[1].wait(timeout=60) == -9 and victims[0].poll() is None  # 60 s: a hang bound only
         retry = {1: (victims[2].pid, None)}
         faults.submitted("rollout", "generate", retry)  # once: the retry is left alone
         assert victims[2].poll() is None
         faults.specs = [FaultSpec.parse("rollout:1@2:generate:always")]
         faults.submitted("rollout", "generate", retry)
-        assert victims[2].wait(timeout=10) == -9
+        assert victims[2].wait(timeout=60) == -9
     finally:
         for proc in victims:
             proc.kill()

@@ -27,6 +27,23 @@ from rollout.tiny import VOCAB_SIZE, build_tiny_model
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def held_until(gate: str, limit_s: float = 300.0):
+    """A function for `actor.__ray_call__`: the actor waits until the file `gate` exists (at most `limit_s`, a
+    bound against a hang). The actor's next tasks queue behind it (a Ray actor runs the tasks of one caller in
+    order), so a kill sent while they are pending lands before they could finish, on a machine of any speed.
+    Built in a closure so that Ray pickles it by value (test modules are not importable in the workers)."""
+
+    def hold(actor) -> None:
+        import os
+        import time
+
+        deadline = time.monotonic() + limit_s
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return hold
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("learner_ray") / "tiny"))
@@ -198,22 +215,27 @@ def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):
     good = random_batch(8, vocab_size=VOCAB_SIZE, seed=41)
     good = good.replace(old_log_probs=torch.zeros_like(good.rollout_log_probs))
     bad = good.replace(old_log_probs=None)
+    timeout_s = make_config(model_dir).collective_timeout_s
     start = time.monotonic()
     with pytest.raises(LearnerRankError, match=r"(?s)rank 1 failed in update.*worker\.py.*ValueError: update needs"):
         group.call_per_rank("update", [((good,), {}), ((bad,), {})])
-    assert time.monotonic() - start < 5.0
+    # "at once": before rank 0's collective could time out (15 s), so the driver did not wait for it (rank 0 is
+    # still unfinished below). Rank 1 fails before any collective, and the driver then looks 1 s for a dead peer
+    # (LearnerGroup._dead_rank's grace): a few seconds also on a machine 5x slower than this one.
+    assert time.monotonic() - start < timeout_s
     with pytest.raises(RuntimeError, match="unusable"):
         group.update(good)
     (stuck_rank0,) = group.unfinished
     with pytest.raises(ray.exceptions.RayTaskError):  # gloo's timeout (15 s) ends the stuck collective
-        ray.get(stuck_rank0, timeout=make_config(model_dir).collective_timeout_s + 30)
-    assert time.monotonic() - start < make_config(model_dir).collective_timeout_s + 30
+        ray.get(stuck_rank0, timeout=timeout_s + 30)
+    assert time.monotonic() - start < timeout_s + 30  # the timeout plus a hang margin (30 s)
 
 
-def test_a_killed_rank_is_named_and_the_group_can_be_replaced(model_dir):
-    """Rank 0's process SIGKILLed (by pid) right after an update is submitted: rank 1 fails at once in its
-    collective, but the error names the rank that died; `failed` says so, shutdown() kills the survivor, and a
-    new group with the same config works (what the trainer does before restoring a checkpoint)."""
+def test_a_killed_rank_is_named_and_the_group_can_be_replaced(model_dir, tmp_path):
+    """Rank 0's process SIGKILLed (by pid) right after an update is submitted (rank 0 held at a barrier before it,
+    so the update cannot have finished before the kill): rank 1 fails at once in its collective, but the error
+    names the rank that died; `failed` says so, shutdown() kills the survivor, and a new group with the same
+    config works (what the trainer does before restoring a checkpoint)."""
     import os
     import signal
 
@@ -222,11 +244,13 @@ def test_a_killed_rank_is_named_and_the_group_can_be_replaced(model_dir):
     batch = random_batch(8, vocab_size=VOCAB_SIZE, seed=51)
     batch = batch.replace(old_log_probs=torch.zeros_like(batch.rollout_log_probs))
     group.on_submit = lambda phase, processes: os.kill(processes[0][0], signal.SIGKILL)
+    group.actors[0].__ray_call__.remote(held_until(str(tmp_path / "never")))  # rank 0 waits; the update queues
     start = time.monotonic()
     try:
         with pytest.raises(LearnerRankError, match=r"learner rank 0 died in update") as raised:
             group.update(batch)
         assert raised.value.rank == 0 and group.failed == "update: rank 0 died"
+        # at once, not by the 15 s collective timeout: < 0.1 s here at a load average of 9 on 2 cores
         assert time.monotonic() - start < config.collective_timeout_s
     finally:
         group.shutdown()

@@ -46,6 +46,18 @@ def allocate_too_much(response: str, ground_truth: str, extra: dict) -> float:
     return float(len(bytearray(64 * 2**30)))
 
 
+def wait_for_gate(response: str, ground_truth: str, extra: dict) -> float:
+    """A barrier the test controls: writes the file extra["entered"] (if given: the sample is being scored, an
+    in-flight signal), then waits until the file extra["gate"] exists (the scorer's time limit ends a gate that
+    is never opened)."""
+    if "entered" in extra:
+        with open(extra["entered"], "a"):
+            pass
+    while not os.path.exists(extra["gate"]):
+        time.sleep(0.01)
+    return 1.0
+
+
 def by_command(response: str, ground_truth: str, extra: dict) -> object:
     """Behaves according to the response: one of COMMANDS, "raise", "extra", or else a math answer."""
     if response in COMMANDS:
@@ -69,6 +81,7 @@ COMMANDS = {
     "alloc": allocate_too_much,
     "none": returns_bad_type,
     "nan": returns_bad_type,
+    "gate": wait_for_gate,
 }
 
 

@@ -1,7 +1,10 @@
 """RolloutGroup over Ray actors hosting vLLM engines: sharding and ordering, weight updates through the object
-store, and failures that surface as errors within seconds (never a hang). One group start for the module."""
+store, and failures that surface as errors within seconds (never a hang). One group start for the module.
 
-import threading
+Kills are ordered by events, never by how long a generation usually takes: the victim is held at a barrier (a
+task the test submits first, waiting for a file), so the call submitted after it is still pending when the kill
+lands, on a machine of any speed."""
+
 import time
 
 import pytest
@@ -16,6 +19,25 @@ from rollout.types import SamplingConfig, samples_to_batch
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 PROMPTS = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(5)]
+TIMEOUT_S = 120.0
+"""The group's deadline per call: an error that ends a call before it surfaced from the worker, not the deadline."""
+
+
+def held_until(gate: str, limit_s: float = 300.0):
+    """A function for `worker.__ray_call__`: the worker waits until the file `gate` exists (at most `limit_s`, a
+    bound against a hang). The worker's next tasks queue behind it (a Ray actor runs the tasks of one caller in
+    order), so a kill sent while they are pending lands before they could finish. Built in a closure so that Ray
+    pickles it by value (test modules are not importable in the workers)."""
+
+    def hold(worker) -> None:
+        import os
+        import time
+
+        deadline = time.monotonic() + limit_s
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    return hold
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +63,7 @@ def group(ray_cluster, model_dir):
         num_workers=2,
         engine_kwargs={"dtype": "float32", "max_model_len": 256},
         num_cpus_per_worker=1.0,
-        timeout_s=120.0,
+        timeout_s=TIMEOUT_S,
     )
     yield group
     group.shutdown()
@@ -86,7 +108,7 @@ def test_worker_errors_reach_the_caller_with_their_message(group, tmp_path):
     with pytest.raises(PromptTooLongError, match=r"prompt 4 is too long: 250") as raised:  # bad input: as itself
         group.generate(too_long, SamplingConfig(max_tokens=16))
     assert (raised.value.index, raised.value.prompt_tokens, raised.value.max_tokens) == (4, 250, 16)
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < TIMEOUT_S  # raised by the worker, not ended by the call's deadline
     with pytest.raises(ValueError, match="empty batch"):
         group.generate([], SamplingConfig())
     with pytest.raises(FileNotFoundError, match="missing_model"):
@@ -94,11 +116,12 @@ def test_worker_errors_reach_the_caller_with_their_message(group, tmp_path):
     assert group.generate(PROMPTS[:1], SamplingConfig(max_tokens=4))  # still usable after a worker raised
 
 
-def test_lost_worker_is_restarted_and_only_its_shard_regenerated(ray_cluster, group, model_dir):
-    """Recovery on (a weight source installed): worker 1, SIGKILLed by pid right after a generate is submitted,
-    is restarted, brought to the current weights, and its shard alone regenerated: the samples are the ones an
-    undisturbed call returns. Worker 0 lost in a weight update gets the same buckets again. A worker that
-    raises is still not retried. (The run-level tests in test_train_e2e.py cover the bounded error.)"""
+def test_lost_worker_is_restarted_and_only_its_shard_regenerated(ray_cluster, group, model_dir, tmp_path):
+    """Recovery on (a weight source installed): worker 1, SIGKILLed by pid right after a generate is submitted
+    (held at a barrier, so its shard cannot have come back first), is restarted, brought to the current weights,
+    and its shard alone regenerated: the samples are the ones an undisturbed call returns. Worker 0 lost in a
+    weight update gets the same buckets again. A worker that raises is still not retried. (The run-level tests
+    in test_train_e2e.py cover the bounded error.)"""
     import os
     import signal
 
@@ -123,6 +146,7 @@ def test_lost_worker_is_restarted_and_only_its_shard_regenerated(ray_cluster, gr
     try:
         pids = [info["pid"] for info in group.worker_info]
         target = ("generate", 1)
+        group.workers[1].__ray_call__.remote(held_until(str(tmp_path / "never")))  # the generate queues behind
         samples = group.generate(PROMPTS, sampling)
         assert killed == [target] and restarts == [(1, "generate")] and group.restarts == 1
         assert group.worker_info[0]["pid"] == pids[0] and group.worker_info[1]["pid"] != pids[1]
@@ -132,6 +156,7 @@ def test_lost_worker_is_restarted_and_only_its_shard_regenerated(ray_cluster, gr
         assert all(torch.equal(a.log_probs, b.log_probs) for a, b in zip(samples, expected))
 
         target = ("update_weights", 0)
+        group.workers[0].__ray_call__.remote(held_until(str(tmp_path / "never")))  # the update queues behind
         stats = group.update_weights(refs, policy_version=2)
         assert restarts[-1] == (0, "update_weights") and len(stats) == 2 and stats[0]["bytes"] == stats[1]["bytes"]
         assert [s.response_ids for s in group.generate(PROMPTS, sampling)] == [s.response_ids for s in expected]
@@ -144,18 +169,20 @@ def test_lost_worker_is_restarted_and_only_its_shard_regenerated(ray_cluster, gr
         group.max_restarts = 0
 
 
-def test_worker_killed_mid_batch_raises_within_seconds(ray_cluster, group):
-    """Runs last: it kills worker 1."""
+def test_worker_killed_mid_batch_raises_within_seconds(ray_cluster, group, tmp_path):
+    """Runs last: it kills worker 1, with the batch in flight (submitted, queued behind a barrier on worker 1:
+    the kill, sent when the call's tasks are submitted, cannot come after the batch ended)."""
     ray = ray_cluster
-    killer = threading.Timer(1.0, ray.kill, args=(group.workers[1],))
+    victim = group.workers[1]
+    victim.__ray_call__.remote(held_until(str(tmp_path / "never")))
+    group.on_submit = lambda phase, processes: ray.kill(victim)  # ray.kill is asynchronous: lands in flight
     long_batch = SamplingConfig(n=8, max_tokens=200, ignore_eos=True)
     start = time.monotonic()
-    killer.start()
     try:
         with pytest.raises(RuntimeError, match="rollout worker 1 died during generate"):
             group.generate(PROMPTS * 8, long_batch)
     finally:
-        killer.join()
-    assert time.monotonic() - start < 30
+        group.on_submit = None
+    assert time.monotonic() - start < TIMEOUT_S  # the death ended the call, not its deadline
     with pytest.raises(RuntimeError, match="unusable"):
         group.generate(PROMPTS, SamplingConfig(max_tokens=4))

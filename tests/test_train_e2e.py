@@ -81,6 +81,23 @@ def run_train(output_dir, tiny_dir, *overrides, background=False):
     return proc
 
 
+def hold_before_step_1(tmp_path):
+    """The overrides that hold the run before step 1 (after step 0 and its checkpoint) until tmp_path/never exists,
+    which it never does: a kill sent at the hold lands at a known step, on a machine of any speed (polling for the
+    first checkpoint and killing then raced the run's next steps)."""
+    return ["trainer.hold_at_step=1", f"trainer.hold_file={tmp_path / 'never'}"]
+
+
+def wait_until_held(proc, tmp_path, limit_s: float = 600.0) -> None:
+    """Wait until the run writes <hold_file>.reached (`limit_s`: the same hang bound as a whole run's)."""
+    reached = tmp_path / "never.reached"
+    deadline = time.monotonic() + limit_s
+    while not reached.exists():
+        assert proc.poll() is None, "the run ended before the hold"
+        assert time.monotonic() < deadline, f"the run did not reach the hold within {limit_s:g} s"
+        time.sleep(0.1)
+
+
 def metrics(output_dir):
     rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if not k.startswith(TIMING_PREFIXES)} for row in rows]
@@ -115,13 +132,8 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, tiny_dir, full):
     assert list((full / "wandb").glob("offline-run-*")), "an offline wandb run is written"
 
     interrupted = tmp_path / "interrupted"
-    proc = run_train(interrupted, tiny_dir, *STEPS, background=True)
-    first = interrupted / "checkpoints" / "step_1" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.1)
+    proc = run_train(interrupted, tiny_dir, *STEPS, *hold_before_step_1(tmp_path), background=True)
+    wait_until_held(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver, Ray and its workers
     proc.wait()
     done = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if (p / "trainer_state.json").exists())
@@ -230,14 +242,12 @@ def test_one_step_off_policy_pipeline_is_bounded_deterministic_and_resumes_exact
         assert parts <= row["timing_s/rollout_busy"] and parts > 0.5 * row["timing_s/rollout_busy"], row
 
     second = tmp_path / "second"
-    proc = run_train(second, tiny_dir, *ahead, background=True)
+    proc = run_train(second, tiny_dir, *ahead, *hold_before_step_1(tmp_path), background=True)
     checkpoint = second / "checkpoints" / "step_1"
-    deadline = time.monotonic() + 300
-    while not (checkpoint / "trainer_state.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
-        time.sleep(0.1)
+    wait_until_held(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert (checkpoint / "trainer_state.json").exists(), "the hold comes after the first checkpoint"
     assert (checkpoint / "pending.pt").is_file(), "the checkpoint keeps the batch collected for step 1"
     assert not (second / "checkpoints" / "step_3" / "trainer_state.json").exists(), "finished before the kill"
     run_train(second, tiny_dir, *ahead, "trainer.resume=auto")
