@@ -1,19 +1,19 @@
 # One-command setup and checks. Every target installs what it needs first.
 #   make setup   create .venv/ with the CPU stack (torch CPU, vLLM CPU build, Ray, ...); idempotent
 #   make test    the whole test suite (what CI runs)
-#   make lint    ruff
+#   make lint    ruff, and the import contracts of pyproject.toml [tool.importlinter] (lint-imports)
 #   make bench   every benchmark under bench/, each printing one JSON line last
 #   make demo    the embedded default: warm-start + FIPO on the built-in task, tiny model, CPU; then evaluate
 #                and plot into outputs/demo/.  `make demo ALGO=dapo` runs the DAPO baseline (outputs/demo_dapo);
 #                DEMO_ARGS passes Hydra overrides, e.g. `make demo DEMO_ARGS="trainer.total_steps=10"`
 #   make job     the cluster path on this machine: a local Ray head with token auth, `ray job submit` of a
-#                2-step run into outputs/job, then only that head stopped (orchestration/job.sh; JOB_ARGS
+#                2-step run into outputs/job, then only that head stopped (tools/job.sh; JOB_ARGS
 #                passes Hydra overrides, JOB_OUT the output folder)
 #   make cluster-demo  several machines on this one: a Ray head and two worker nodes (a `ray start` session
-#                each, orchestration/local_cluster.py), a 3-step run submitted with `ray job submit`, learner
+#                each, tools/local_cluster.py), a 3-step run submitted with `ray job submit`, learner
 #                and engines on separate nodes; prints where every actor ran, then stops only that cluster
 #                (CLUSTER_ARGS passes Hydra overrides; the run is in outputs/cluster/run)
-# No variable needs exporting: the run's environment is in the config (cluster.env, orchestration/env.py).
+# No variable needs exporting: the run's environment is in the config (cluster.env, orchestration/cluster/env.py).
 SHELL := /bin/bash
 PY    := .venv/bin/python
 UV    := .tools/bin/uv
@@ -46,6 +46,7 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 
 # The CPU benchmarks (bench/gpu_suite.py is the GPU measurement suite: see bench/RESULTS.md).
 BENCHES := future_kl rollout reward learner weight_sync pipeline plan
@@ -53,13 +54,13 @@ bench: setup
 	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(PY) -m bench.$$b || exit 1; done
 
 demo: setup
-	$(PY) -m orchestration.demo algorithm=$(ALGO) $(DEMO_ARGS)
+	$(PY) -m tools.demo algorithm=$(ALGO) $(DEMO_ARGS)
 
 job: setup
-	bash orchestration/job.sh
+	bash tools/job.sh
 
 cluster-demo: setup
-	$(PY) -m orchestration.local_cluster demo $(CLUSTER_ARGS)
+	$(PY) -m tools.local_cluster demo $(CLUSTER_ARGS)
 
 clean:
 	rm -rf .venv .tools outputs .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ hidden behind training, and the ratios against `sync` measured in the same run. 
 
 from __future__ import annotations
 
-from orchestration.env import use_local_defaults
+from orchestration.cluster.env import use_local_defaults
 
 use_local_defaults()
 
@@ -55,8 +55,8 @@ CONFIGS = {
 
 def run_config(name: str, overrides: list[str], steps: int, seed: int, out: Path) -> dict:
     """Train `steps` steps of the demo with `overrides`; per-step statistics from its metrics.jsonl."""
-    from orchestration.demo import compose_config
     from orchestration.train import train
+    from tools.demo import compose_config
 
     cfg = compose_config([
         *overrides, f"seed={seed}", f"trainer.total_steps={steps}", "trainer.eval_every=0",
@@ -94,7 +94,7 @@ def run_alternating(block: int, steps: int, seed: int, overrides: list[str], out
     """`default` for `steps` steps, overlapped only in odd blocks of `block` steps (module docstring); the
     median seconds per step of the purely synchronous and purely overlapped steps, and their ratio."""
     import orchestration.train
-    from orchestration.demo import compose_config
+    from tools.demo import compose_config
 
     _AlternatingPipeline.block = block
     cfg = compose_config([

@@ -1,4 +1,4 @@
-"""The memory planner against the learner's real execution on the CPU (orchestration/plan.py, issue 27).
+"""The memory planner against the learner's real execution on the CPU (orchestration/cluster/fit.py, issue 27).
 
 One learner rank (world size 1, float32, FSDP2 over gloo) of a model with Qwen2.5's 151,936-token vocabulary
 and random weights: the planner's prediction (learner/memory_plan.py, fake tensors) of how far one update's
@@ -28,7 +28,7 @@ import time
 import torch
 
 from bench.common import device_info, git_commit, print_result
-from orchestration.plan import SHAPES_DIR
+from orchestration.cluster.fit import SHAPES_DIR
 
 _QWEN = {"vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768}
 SHAPES = {

@@ -15,7 +15,7 @@ Prints one JSON line last.
 
 from __future__ import annotations
 
-from orchestration.env import use_local_defaults
+from orchestration.cluster.env import use_local_defaults
 
 use_local_defaults()
 

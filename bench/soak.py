@@ -51,7 +51,7 @@ traces the driver's allocations by line (slower). One JSON line last.
 
 from __future__ import annotations
 
-from orchestration.env import use_local_defaults
+from orchestration.cluster.env import use_local_defaults
 
 use_local_defaults()
 
@@ -507,7 +507,7 @@ class Soak:
 def run_soak(staleness: int, args: argparse.Namespace, sink) -> dict:
     """Train one run with trainer.max_staleness=`staleness`, sampled by a Soak; its wall time and diagnosis."""
     import orchestration.train as loop
-    from orchestration.demo import compose_config
+    from tools.demo import compose_config
 
     out = Path(args.out) / f"staleness{staleness}"
     shutil.rmtree(out, ignore_errors=True)

@@ -13,7 +13,7 @@ median counts. ratio = gb_per_s / raw_gb_per_s (goal ≥ 0.5). Prints one JSON l
 
 from __future__ import annotations
 
-from orchestration.env import use_local_defaults
+from orchestration.cluster.env import use_local_defaults
 
 use_local_defaults()
 

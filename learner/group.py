@@ -107,7 +107,7 @@ class LearnerGroup:
             placement group), called before the rank is started; it may wait (bounded) for the resources and
             raise, naming them, when they do not come.
         process_setup: a picklable callable each rank's process runs first (e.g. the CPU placement of
-            orchestration/placement.py).
+            orchestration/cluster/cpus.py).
 
     `on_submit(phase, processes)`, a hook the driver may install (fault drills), is called right after every
     call's tasks are submitted, with the LearnerWorker method (or "weight_buckets") and {rank: (pid, node_id)}.

@@ -11,7 +11,7 @@ What it measures is the rank's busiest moment in steady state: the optimizer sta
 created by one step on zero gradients first, untracked), then one step over the largest micro-batch of
 `batch` is tracked, with the gradients of earlier micro-batches held when the rank has more than one.
 
-How it differs from a GPU run, and what `orchestration/plan.py` adds for it:
+How it differs from a GPU run, and what `orchestration/cluster/fit.py` adds for it:
 * fake tensors run on the CPU code path: packed attention is one SDPA per sample (flash attention: output and
   log-sum-exp, no score matrix; the CUDA varlen kernel keeps the same), the optimizer is AdamW's per-parameter
   loop (temporaries of one parameter at a time: an upper bound of the fused CUDA kernel, which has none);

@@ -92,7 +92,7 @@ def build_fsdp_model(
     sharded with FSDP2 over `mesh` and allocated on `device`, values NOT loaded (uninitialised). Dropout is off
     (eval mode): the ratio π_θ / π_old must compare deterministic forward passes. The model gains a method
     `response_log_probs` (see `response_log_probs` below). Alone (no `load_checkpoint`), what the memory
-    planner (orchestration/plan.py) runs on fake tensors."""
+    planner (orchestration/cluster/fit.py) runs on fake tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register_packed_attention()

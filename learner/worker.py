@@ -68,7 +68,7 @@ class LearnerWorker:
 
     def __init__(self, config: LearnerConfig, *, load_weights: bool = True) -> None:
         """`load_weights=False` builds the sharded model without reading the checkpoint (its values are
-        uninitialised): what the memory planner runs on fake tensors (orchestration/plan.py)."""
+        uninitialised): what the memory planner runs on fake tensors (orchestration/cluster/fit.py)."""
         if not dist.is_initialized():
             raise RuntimeError("LearnerWorker needs torch.distributed initialised (learner.distributed)")
         self.config = config

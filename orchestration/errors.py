@@ -3,7 +3,7 @@
 A bad config value, a bad dataset row, resources the cluster cannot place, a worker that keeps failing, a disk
 that fills while saving: each is raised as an error whose message names the key, file, row, node or path
 (ConfigError, DataError, PlacementError, RestartBudgetError, CheckpointError). The entry points (`python -m
-orchestration.train`, `orchestration.demo`, `orchestration.evaluate`, `orchestration.plan`) run inside
+orchestration.train`, `tools.demo`, `orchestration.evaluation`, `orchestration.cluster.fit`) run inside
 `clean_exit()`, which prints such an error as `error: <message>` on stderr and exits with status 1; it is also
 found as the cause of a failed step (StageError). Anything else is a bug and keeps its traceback. Nothing
 computed is lost on the way out: the training loop's own `finally` has closed the metrics log and the actors
@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from orchestration.checkpoint import CheckpointError
-from orchestration.data import DataError
-from orchestration.faults import RestartBudgetError
-from orchestration.layout import PlacementError
-from orchestration.sizes import ConfigError
+from orchestration.cluster.faults import RestartBudgetError
+from orchestration.cluster.layout import PlacementError
+from orchestration.config.errors import ConfigError
+from orchestration.data.prompts import DataError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,

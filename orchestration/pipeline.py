@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from advantage import RolloutBatch
-from orchestration.builders import Run
+from orchestration.run import Run
 from orchestration.steps import collect_batch
 
 Collected = tuple[RolloutBatch, dict[str, float]]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from advantage import REWARD_ERROR, REWARD_OK, REWARD_TIMEOUT, RolloutBatch, overlong_penalty
-from orchestration.data import PromptRow
+from orchestration.data.prompts import PromptRow
 from reward.result import RewardResult
 from rollout.types import Sample, samples_to_batch
 

@@ -12,16 +12,16 @@ import ray
 
 from advantage import RolloutBatch
 from learner.group import LearnerRankError
-from orchestration import stacks
-from orchestration.builders import Run
 from orchestration.checkpoint import CheckpointError, TrainerState
-from orchestration.data import PromptRow
-from orchestration.evaluate import eval_metrics, evaluate_rows, generate_rows, habit_records, score_rows
-from orchestration.faults import say
-from orchestration.layout import PlacementError
+from orchestration.cluster import stacks
+from orchestration.cluster.faults import say
+from orchestration.cluster.layout import PlacementError
+from orchestration.data.prompts import PromptRow
+from orchestration.data.tasks import habit_stats
+from orchestration.evaluation import eval_metrics, evaluate_rows, generate_rows, habit_records, score_rows
 from orchestration.metrics import MetricsLogger
+from orchestration.run import Run
 from orchestration.sampling import GroupPool, group_samples
-from orchestration.tasks import habit_stats
 
 
 class StageError(RuntimeError):
@@ -197,6 +197,6 @@ def learner_metrics(per_mini_batch: Sequence[dict[str, float]]) -> dict[str, flo
 
 def evaluate(run: Run, rows: Sequence[PromptRow], step: int) -> dict[str, float]:
     """avg@k / cons@k / pass@k of the current rollout weights on `rows` (k = trainer.eval_samples), through
-    orchestration.evaluate.evaluate_rows, the function the evaluation CLI uses too."""
+    orchestration.evaluation.evaluate_rows, the function the evaluation CLI uses too."""
     sampling = run.sampling(sampling_seed(run.cfg.seed, step, 63), evaluation=True)
     return eval_metrics(evaluate_rows(run.rollout, run.reward, rows, sampling))

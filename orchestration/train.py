@@ -1,4 +1,4 @@
-"""The training loop: `python -m orchestration.train [hydra overrides]` (a sweep with `-m`: orchestration/sweep.py).
+"""The training loop: `python -m orchestration.train [hydra overrides]` (sweeps: orchestration/config/sweep.py).
 
 With no overrides: FIPO on the built-in synthetic task with the tiny model on the local CPU. Each step:
 rollout with dynamic sampling → rewards → old log-probs → advantages → learner update (FIPO's future-KL
@@ -17,12 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from orchestration.builders import build_run, stack_dir
-from orchestration.config import TrainConf, register_configs, to_object
+from orchestration.config.errors import ConfigError
+from orchestration.config.schema import TrainConf, register_configs, to_object
+from orchestration.config.sweep import register_resolver
 from orchestration.errors import clean_exit
 from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, timing_metrics, to_floats
 from orchestration.pipeline import RolloutPipeline
-from orchestration.sizes import ConfigError
+from orchestration.run import build_run, stack_dir
 from orchestration.steps import (
     StageError,
     compute_advantages,
@@ -32,7 +33,6 @@ from orchestration.steps import (
     restore,
     stage,
 )
-from orchestration.sweep import register_resolver
 
 
 def train(cfg: TrainConf) -> dict[str, float]:

@@ -86,7 +86,7 @@ class RolloutGroup:
     start_timeout_s:     the longest engine start may take.
     max_restarts:        restarts of lost workers allowed per call when recovery is on (see the module doc).
     process_setup:       a picklable callable each worker process runs first, also after a restart (e.g. the
-                         CPU binding of orchestration/placement.py); its result is `info()["placement"]`.
+                         CPU binding of orchestration/cluster/cpus.py); its result is `info()["placement"]`.
     placement:           placement(rank) → extra `ray.remote` options of worker `rank` (e.g. its placement
                          group's bundle), called before the worker is started and before every restart; it may
                          wait (bounded) for the worker's resources and raise, naming them, when they do not come.

@@ -1,5 +1,5 @@
 """Test-wide environment: offline hub, offline wandb, in-process vLLM engine, Ray without token auth
-(orchestration/env.py), and the hypothesis profile."""
+(orchestration/cluster/env.py), and the hypothesis profile."""
 
 import os
 import sys
@@ -7,7 +7,7 @@ import sys
 import pytest
 from hypothesis import settings
 
-from orchestration.env import use_local_defaults
+from orchestration.cluster.env import use_local_defaults
 
 use_local_defaults()
 

@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 from advantage import RolloutBatch  # noqa: E402
 from advantage.group import AdvantageService, AdvantageWorkerError  # noqa: E402
 from advantage.stage import AdvantageStageConfig  # noqa: E402
-from orchestration.faults import Faults, FaultSpec  # noqa: E402
+from orchestration.cluster.faults import Faults  # noqa: E402
+from orchestration.config.faults import FaultSpec  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

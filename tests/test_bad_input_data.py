@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 
-from orchestration.builders import check_config, load_prompt_rows
-from orchestration.config import TrainConf, register_configs, to_object
-from orchestration.data import DataError, find_duplicates, load_rows
-from orchestration.preflight import check_model_context, model_context, preflight
-from orchestration.sizes import ConfigError
+from orchestration.cluster.preflight import check_model_context, model_context, preflight
+from orchestration.config.components import check_config
+from orchestration.config.errors import ConfigError
+from orchestration.config.schema import TrainConf, register_configs, to_object
+from orchestration.data.prompts import DataError, find_duplicates, load_rows
+from orchestration.inputs import load_prompt_rows
 from reward.math import score_math
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Bad input on purpose (issue 34): damaged model directories and unusual responses.
 
 Model directories: a real tiny model (rollout.build_tiny_model), copied and damaged one way per case, is refused by
-orchestration.preflight.check_model_dir with a ConfigError naming model.path and the file or field, before any
+orchestration.cluster.preflight.check_model_dir with a ConfigError naming model.path and the file or field, before any
 weight is loaded (and, through `python -m orchestration.train`, before Ray starts). Responses: every sample cut at
 the token limit, empty responses, responses with no answer and non-ASCII text get finite rewards with the right
 extraction (reward.math, in process and through the scorer's child process), finite step and evaluation metrics,
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.preflight import check_model_dir
-from orchestration.sizes import ConfigError
+from orchestration.cluster.preflight import check_model_dir
+from orchestration.config.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -148,7 +148,7 @@ def test_intact_directories_pass(tiny, tmp_path):
 def load(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from orchestration.config import register_configs, to_object
+    from orchestration.config.schema import register_configs, to_object
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -156,7 +156,7 @@ def load(*overrides: str):
 
 
 def test_preflight_checks_the_model_directory_for_the_configured_engine(tiny, tmp_path):
-    from orchestration.preflight import engine_head_sizes, preflight
+    from orchestration.cluster.preflight import engine_head_sizes, preflight
     from rollout.engine import CPU_SUPPORTED_HEAD_SIZES
 
     out = f"trainer.output_dir={tmp_path}/run"
@@ -280,7 +280,7 @@ def test_step_metrics_and_advantages_stay_finite(case, text, length, finish):
     group is dropped as all wrong, and counted so."""
     from advantage import ADVANTAGE_ESTIMATORS, SAMPLE_FILTERS
     from advantage.stage import AdvantageStageConfig, compute_advantages
-    from orchestration.data import PromptRow
+    from orchestration.data.prompts import PromptRow
     from orchestration.metrics import rollout_metrics
     from orchestration.sampling import GroupPool, OverlongShaping, group_samples
     from reward.math import score_math
@@ -331,8 +331,8 @@ class SameText:
     ids=["all truncated", "all empty (EOS only)", "all empty (no token)", "all non-ASCII, no answer"],
 )
 def test_evaluation_metrics_stay_finite(text, length, finish):
-    from orchestration.data import PromptRow
-    from orchestration.evaluate import eval_metrics, evaluate_rows
+    from orchestration.data.prompts import PromptRow
+    from orchestration.evaluation import eval_metrics, evaluate_rows
     from rollout.types import SamplingConfig
 
     rows = [PromptRow(({"role": "user", "content": f"p{i}"},), "5", f"f:{i}") for i in range(3)]
@@ -358,12 +358,12 @@ class _Text(HTMLParser):
 
 
 def test_credit_shows_non_ascii_and_empty_responses_escaped(tiny, tmp_path):
-    """The credit tool (orchestration/credit.py) on non-ASCII, HTML-like and empty responses: every trace is
+    """The credit tool (tools/credit.py) on non-ASCII, HTML-like and empty responses: every trace is
     kept (an empty response as a trace of no tokens), the page parses with only its own tags (the text
     escaped), and the PNG renders. Through the CLI too, from a --traces file with a lone surrogate (JSON
     "\\ud800") and a numeric ground truth."""
     from advantage import FIPOLossConfig
-    from orchestration.credit import compute_traces, render_html, render_png
+    from tools.credit import compute_traces, render_html, render_png
 
     prompt = [{"role": "user", "content": "Compute ½ + ¼ <script>alert(1)</script> 日本"}]
     responses = ["Answer: ¾ 🎉 日本語 <b>&amp;</b>", "", "Answer:"]
@@ -391,7 +391,7 @@ def test_credit_shows_non_ascii_and_empty_responses_escaped(tiny, tmp_path):
     (tmp_path / "traces.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert "\\ud800" in (tmp_path / "traces.jsonl").read_text()
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.credit", "--old", str(tiny), "--new", str(tiny), "--traces",
+        [sys.executable, "-m", "tools.credit", "--old", str(tiny), "--new", str(tiny), "--traces",
          str(tmp_path / "traces.jsonl"), "--output-dir", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -1,13 +1,13 @@
-"""`python -m orchestration.compare` on runs written by hand (golden values computed by hand below), and the
-sweep members' folder names (orchestration/sweep.py)."""
+"""`python -m tools.compare` on runs written by hand (golden values computed by hand below), and the
+sweep members' folder names (orchestration/config/sweep.py)."""
 
 import json
 import math
 
 import pytest
 
-from orchestration.compare import config_value, dominance_step, find_runs, main, mean_ci, t_quantile_975
-from orchestration.sweep import SWEPT_KEYS_ENV, member_dirname, swept_keys
+from orchestration.config.sweep import SWEPT_KEYS_ENV, member_dirname, swept_keys
+from tools.compare import config_value, dominance_step, find_runs, main, mean_ci, t_quantile_975
 
 # final held-out avg@k per seed; the training response length of the last steps is 20 + seed for fipo, 10 for dapo
 FINAL = {"fipo": [0.5, 0.6, 0.7], "dapo": [0.4, 0.6, 0.5]}
@@ -119,7 +119,7 @@ def test_sweep_member_folder_names(monkeypatch):
 
 
 def test_moving_average_is_trailing():
-    from orchestration.compare import moving_average
+    from tools.compare import moving_average
 
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([5.0, 7.0], 1) == [5.0, 7.0]

@@ -1,4 +1,4 @@
-"""The token-credit tool (orchestration/credit.py) on two tiny checkpoints: the numbers in its HTML match an
+"""The token-credit tool (tools/credit.py) on two tiny checkpoints: the numbers in its HTML match an
 independent float64 computation (log-probs by a float64 forward, F by the plain right-to-left recurrence), and
 its PNG is a real image."""
 
@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory):
 
 def run_credit(*args):
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.credit", *map(str, args)],
+        [sys.executable, "-m", "tools.credit", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -101,7 +101,7 @@ def test_html_values_match_an_independent_float64_computation(checkpoints, tmp_p
 
 def test_sampled_traces_and_png(checkpoints, tmp_path):
     old, new, root = checkpoints
-    from orchestration.tasks import make_rows, write_jsonl
+    from orchestration.data.tasks import make_rows, write_jsonl
 
     _, val = make_rows(0, 5, seed=3)
     data = write_jsonl(val, tmp_path / "val.jsonl")
@@ -125,7 +125,7 @@ def test_png_axes_show_plain_values_not_offset_notation():
     import matplotlib.pyplot as plt
 
     from advantage import FIPOLossConfig
-    from orchestration.credit import Trace, credit_figure
+    from tools.credit import Trace, credit_figure
 
     n = 6
     trace = Trace(

@@ -1,5 +1,5 @@
 """The demo's pieces: the supervised warm-start (labels, determinism, caching), the plot, and the whole
-`python -m orchestration.demo` on a shortened schedule (warm-start of a few steps, 2 RL steps, evaluation,
+`python -m tools.demo` on a shortened schedule (warm-start of a few steps, 2 RL steps, evaluation,
 summary, curves, token credit)."""
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.tasks import make_rows
-from orchestration.warm_start import (
+from orchestration.data.tasks import make_rows
+from orchestration.data.warm_start import (
     ARGS_FILE,
     WarmStartConfig,
     collate,
@@ -63,7 +63,7 @@ def test_shortcuts_keep_only_the_answer_line_of_a_seeded_fraction():
 
 
 def test_warm_start_is_deterministic_learns_and_is_cached(tiny, tmp_path, monkeypatch):
-    import orchestration.warm_start as warm_start_module
+    import orchestration.data.warm_start as warm_start_module
 
     config = WarmStartConfig(steps=30, lr=3e-3, batch_rows=8, warmup_steps=5)
     first = warm_start(tiny, examples(), config, tmp_path / "a")
@@ -95,7 +95,7 @@ def test_warm_start_is_deterministic_learns_and_is_cached(tiny, tmp_path, monkey
 def test_plot_writes_a_valid_png(tmp_path):
     from PIL import Image
 
-    from orchestration.plot import main as plot_main
+    from tools.plot import main as plot_main
 
     for name, weights in (("fipo", True), ("dapo", False)):
         run = tmp_path / name
@@ -153,7 +153,7 @@ def test_demo_end_to_end_on_a_short_schedule(tmp_path):
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.demo", *overrides],
+        [sys.executable, "-m", "tools.demo", *overrides],
         cwd=ROOT,
         env=env,
         capture_output=True,

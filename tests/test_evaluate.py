@@ -1,5 +1,5 @@
 """Evaluation: evaluate_rows's estimators on hand-worked samples, its chunking invariance, and the
-`python -m orchestration.evaluate` CLI end to end on a tiny jsonl with the tiny model (transformers engine;
+`python -m tools.evaluate` CLI end to end on a tiny jsonl with the tiny model (transformers engine;
 a vLLM variant is marked)."""
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.data import PromptRow, load_rows
-from orchestration.evaluate import eval_metrics, evaluate_rows
-from orchestration.tasks import make_rows, write_jsonl
+from orchestration.data.prompts import PromptRow, load_rows
+from orchestration.data.tasks import make_rows, write_jsonl
+from orchestration.evaluation import eval_metrics, evaluate_rows
 from reward.extract import answers_at_once
 from rollout.types import Sample, SamplingConfig
 
@@ -163,7 +163,7 @@ def tiny_model(tmp_path_factory):
 
 
 def run_cli(*args):
-    cmd = [sys.executable, "-m", "orchestration.evaluate", *map(str, args)]
+    cmd = [sys.executable, "-m", "tools.evaluate", *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -14,8 +14,9 @@ import pytest
 from test_orchestration_config import load as load_config
 
 from orchestration.checkpoint import STATE_FILE, CheckpointManager, TrainerState
-from orchestration.faults import Faults, FaultSpec, RestartBudgetError
-from orchestration.sizes import ConfigError
+from orchestration.cluster.faults import Faults, RestartBudgetError
+from orchestration.config.errors import ConfigError
+from orchestration.config.faults import FaultSpec
 from rollout.tiny import build_tiny_model
 
 
@@ -165,7 +166,7 @@ def test_replayed_steps_go_to_metrics_jsonl_again_but_not_twice_to_wandb(tmp_pat
 def test_preflight_names_the_key(tmp_path, monkeypatch):
     import shutil
 
-    from orchestration import preflight
+    from orchestration.cluster import preflight
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")

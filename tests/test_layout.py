@@ -1,4 +1,4 @@
-"""Placement on a local one-node Ray (orchestration/layout.py); the multi-node behaviour is tests/test_multinode.py.
+"""Placement on a local one-node Ray (orchestration/cluster/layout.py); several nodes: tests/test_multinode.py.
 
 * every role's bundles are placed and the placement hooks put each actor in its own bundle;
 * a placement the cluster cannot satisfy raises PlacementError within cluster.placement_timeout_s, naming the
@@ -14,8 +14,8 @@ import pytest
 import ray
 from test_orchestration_config import load as load_config
 
-from orchestration.layout import Layout, PlacementError, bundle, describe
-from orchestration.sizes import ConfigError
+from orchestration.cluster.layout import Layout, PlacementError, bundle, describe
+from orchestration.config.errors import ConfigError
 
 pytestmark = pytest.mark.ray
 

@@ -1,4 +1,4 @@
-"""Several machines, on this one: a real Ray cluster of a head and worker nodes (orchestration/local_cluster.py:
+"""Several machines, on this one: a real Ray cluster of a head and worker nodes (tools/local_cluster.py:
 one `ray start` session per node, each with its own temp dir and ports), runs submitted with the real
 `ray job submit`, nodes lost by SIGKILLing every process of their session.
 
@@ -27,7 +27,7 @@ import pytest
 from test_train_e2e import SMALL, metrics
 
 from orchestration.checkpoint import STATE_FILE
-from orchestration.local_cluster import LocalCluster, NodeSpec
+from tools.local_cluster import LocalCluster, NodeSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]

@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from orchestration.config import TrainConf, register_configs, to_object
-from orchestration.sizes import ConfigError
+from orchestration.config.errors import ConfigError
+from orchestration.config.schema import TrainConf, register_configs, to_object
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
@@ -104,7 +104,7 @@ def test_gpu_placement_checked_against_this_machine():
 
 
 def test_missing_files_and_model_name_the_key(tmp_path, monkeypatch):
-    from orchestration.builders import load_prompt_rows, prepare_model
+    from orchestration.inputs import load_prompt_rows, prepare_model
 
     cfg = load(f"data.train_files=[{tmp_path}/nope.jsonl]")
     with pytest.raises(ConfigError, match=r"data.train_files: file\(s\) not found: .*nope.jsonl"):
@@ -119,7 +119,7 @@ def _numeric_keys():
     import dataclasses
     import typing
 
-    from orchestration import config as schema
+    from orchestration.config import schema
 
     hints = typing.get_type_hints(schema.TrainConf)
     for section, cls in hints.items():
@@ -150,7 +150,7 @@ def test_every_choice_key_rejects_an_unknown_choice(key):
 
 
 def test_component_configs_are_built_before_anything_expensive():
-    from orchestration.builders import check_config
+    from orchestration.config.components import check_config
 
     with pytest.raises(ConfigError, match="reward.fn: .*no_such_module"):
         check_config(load("reward.fn=no_such_module:score"))
@@ -180,7 +180,7 @@ def test_train_rejects_a_bad_value_in_seconds_before_building_anything(tmp_path)
 
 
 def test_study_preset_runs_eight_optimizer_steps_per_batch_from_one_shared_start():
-    from orchestration.builders import sizes_from_config
+    from orchestration.config.components import sizes_from_config
 
     for algorithm in ("fipo", "dapo"):
         cfg = load("experiment=study_fipo_vs_dapo", f"algorithm={algorithm}", "seed=3")

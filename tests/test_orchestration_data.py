@@ -7,10 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration.config import DataConf
-from orchestration.data import DataError, PromptSampler, drop_long_prompts, load_datasets, load_rows
-from orchestration.sizes import ConfigError, derive_sizes
-from orchestration.tasks import habit_of, habit_stats, make_rows, worked_solution
+from orchestration.config.errors import ConfigError
+from orchestration.config.schema import DataConf
+from orchestration.config.sizes import derive_sizes
+from orchestration.data.prompts import DataError, PromptSampler, drop_long_prompts, load_datasets, load_rows
+from orchestration.data.tasks import habit_of, habit_stats, make_rows, worked_solution
 from reward.math import score_math
 
 AIME = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aime-2024.jsonl"

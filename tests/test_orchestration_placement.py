@@ -1,4 +1,4 @@
-"""orchestration/placement.py: binding a process's threads to cores and raising their niceness. Run in a child
+"""orchestration/cluster/cpus.py: binding a process's threads to cores and raising their niceness. Run in a child
 process (the pytest process keeps its own placement); checked from /proc, thread by thread."""
 
 import os
@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
-from orchestration.placement import resolve_cpus
+from orchestration.cluster.cpus import resolve_cpus
 
 CHILD = textwrap.dedent(
     """
     import json, os, sys, threading
-    from orchestration.placement import place_this_process
+    from orchestration.cluster.cpus import place_this_process
 
     def proc_view():  # per thread: (allowed cores, niceness) as the kernel reports them
         view = {}

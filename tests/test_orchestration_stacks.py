@@ -5,7 +5,7 @@ import time
 import pytest
 import ray
 
-from orchestration.builders import ray_runtime_env
+from orchestration.run import ray_runtime_env
 from orchestration.steps import StageError, stage
 
 

@@ -8,8 +8,8 @@ import torch
 
 from advantage import ADVANTAGE_ESTIMATORS, REWARD_OK, REWARD_TIMEOUT, SAMPLE_FILTERS
 from advantage.stage import AdvantageStageConfig, compute_advantages
-from orchestration.data import PromptRow
-from orchestration.eval_metrics import majority_correct, pass_at_k, summarize
+from orchestration.data.prompts import PromptRow
+from orchestration.evaluation import majority_correct, pass_at_k, summarize
 from orchestration.metrics import rollout_metrics
 from orchestration.sampling import GroupPool, OverlongShaping, group_samples
 from reward.result import RewardResult

@@ -1,4 +1,4 @@
-"""The memory planner (orchestration/plan.py, learner/memory_plan.py): its learner prediction against the learner's
+"""The memory planner (orchestration/cluster/fit.py, learner/memory_plan.py): its learner prediction against the
 real execution on the CPU, the H200 measurement it must explain, the engine's arithmetic by hand, the CLI, and a
 GPU-cluster run that cannot fit stopping before any actor is created."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from orchestration.config import register_configs, to_object
+from orchestration.config.schema import register_configs, to_object
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -64,7 +64,7 @@ def test_allocated_peak_counts_live_tensor_bytes():
 
 def _learner_need(*overrides: str) -> tuple[float, float, list[str]]:
     """(GiB needed, GiB usable, advice) of a learner rank for a composed config."""
-    from orchestration.plan import plan
+    from orchestration.cluster.fit import plan
 
     role = plan(config(*overrides)).roles[0]
     assert role.key == "learner"
@@ -103,8 +103,8 @@ def test_engine_kv_cache_by_hand():
     × 2 B = 64 KiB per token; tensor parallel 8: one head per GPU, 32 KiB; the weights split by TP."""
     from transformers import AutoConfig
 
-    from orchestration.builders import sizes_from_config
-    from orchestration.plan import SHAPES_DIR, count_parameters, plan_engine
+    from orchestration.cluster.fit import SHAPES_DIR, count_parameters, plan_engine
+    from orchestration.config.components import sizes_from_config
 
     model_config = AutoConfig.from_pretrained(SHAPES_DIR / "Qwen--Qwen2.5-32B.json")
     params = count_parameters(model_config)
@@ -120,7 +120,7 @@ def test_engine_kv_cache_by_hand():
 @pytest.mark.slow
 def test_plan_cli_prints_every_role_and_a_verdict(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "orchestration.plan", "experiment=fipo_7b", f"trainer.output_dir={tmp_path}"],
+        [sys.executable, "-m", "tools.plan", "experiment=fipo_7b", f"trainer.output_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

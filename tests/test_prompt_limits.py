@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from orchestration.data import DataError, drop_long_prompts, load_rows
-from orchestration.evaluate import generate_rows
+from orchestration.data.prompts import DataError, drop_long_prompts, load_rows
+from orchestration.evaluation import generate_rows
 from rollout.types import SamplingConfig
 
 pytestmark = [pytest.mark.vllm]

@@ -1,4 +1,4 @@
-"""The cluster path, as the README gives it: its `ray job submit` block is exactly orchestration/job.sh's
+"""The cluster path, as the README gives it: its `ray job submit` block is exactly tools/job.sh's
 commands (what `make job` runs), and that block, run verbatim with bash on a fresh home folder (no
 ~/.ray/auth_token, no Ray or project variables exported, the venv not on PATH), starts a head with token auth,
 submits a 2-step training run through the real `ray job submit --working-dir .`, reports SUCCEEDED with the
@@ -30,7 +30,7 @@ def test_readme_block_is_what_make_job_runs():
     script = (ROOT / "orchestration" / "job.sh").read_text()
     assert MARKER in script
     assert readme_block() == script.split(MARKER, 1)[1]
-    assert "bash orchestration/job.sh" in (ROOT / "Makefile").read_text()
+    assert "bash tools/job.sh" in (ROOT / "Makefile").read_text()
 
 
 def port_open(port: int) -> bool:

@@ -128,9 +128,10 @@ def _wait_until_dead(actor, limit_s: float = 120.0) -> None:
 
 def test_lost_actor_is_replaced_and_only_its_shard_rescored(local_ray, tmp_path):
     """max_restarts > 0: an actor SIGKILLed by pid right after its shard is submitted (fault injection of
-    orchestration/faults.py) is replaced and only its shard scored again, with the same results; an actor
+    orchestration/cluster/faults.py) is replaced and only its shard scored again, with the same results; an actor
     killed on every attempt ends the call after max_restarts with the worker named."""
-    from orchestration.faults import Faults, FaultSpec
+    from orchestration.cluster.faults import Faults
+    from orchestration.config.faults import FaultSpec
 
     # Each shard starts with a "gate" sample that waits for its gate file. The victim's gate is closed while the
     # fault is injected, so its shard cannot have been returned before the SIGKILL lands (on any machine: an

@@ -10,8 +10,8 @@ Runs in a THROWAWAY environment that has TRL (never the project's .venv); the pr
         --model <repo>/outputs/models/warm_start/<hash> [--steps 60] [--threads 2] [--eval]
 
 The job (settings of conf/config.yaml + conf/algorithm/dapo.yaml + conf/model/tiny.yaml):
-  * model:   the warm-started tiny Qwen2 of the demo (orchestration.builders.prepare_model), fp32, CPU
-  * data:    orchestration.tasks.make_rows(2000, 200, seed=0, min_steps=3, max_steps=4, max_value=30), the rows'
+  * model:   the warm-started tiny Qwen2 of the demo (orchestration.inputs.prepare_model), fp32, CPU
+  * data:    orchestration.data.tasks.make_rows(2000, 200, seed=0, min_steps=3, max_steps=4, max_value=30), the rows'
              chat "prompt" field (TRL applies the model's chat template with add_generation_prompt=True)
   * reward:  reward.math.score_math(completion, ground_truth).score  (+1 / -1, DAPO's "Answer:" extraction),
              plus DAPO's soft overlong punishment (buffer 16 tokens, factor 1), as our DAPO config adds
@@ -78,7 +78,7 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
     from trl.rewards import get_soft_overlong_punishment
 
-    from orchestration.tasks import make_rows
+    from orchestration.data.tasks import make_rows
     from reward.math import score_math
 
     if args.threads > 0:

@@ -1,8 +1,8 @@
 """FIPO's token credit, as a picture: which tokens the future-KL weights up, for a pair of policies.
 
-    python -m orchestration.credit --old outputs/demo/checkpoints/step_30/hf \\
+    python -m tools.credit --old outputs/demo/checkpoints/step_30/hf \\
         --new outputs/demo/checkpoints/step_40/hf --data outputs/demo/data/synthetic_val.jsonl
-    python -m orchestration.credit --run-dir outputs/demo        # its last two checkpoints and its val split
+    python -m tools.credit --run-dir outputs/demo        # its last two checkpoints and its val split
 
 For a few traces (sampled from π_old, the policy that generates the batch in FIPO, or read from a
 --traces jsonl of {"messages": [...], "response": "..."}), per response token t:
@@ -335,7 +335,7 @@ def load_prompts(args: argparse.Namespace) -> list[tuple[list[dict], str | None,
             )
             for r in rows[: args.num_traces]
         ]
-    from orchestration.data import load_datasets
+    from orchestration.data.prompts import load_datasets
 
     data = args.data or [str(Path(args.run_dir) / "data" / "synthetic_val.jsonl")]
     rows = load_datasets(data)
@@ -344,7 +344,7 @@ def load_prompts(args: argparse.Namespace) -> list[tuple[list[dict], str | None,
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m orchestration.credit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.credit", description=__doc__.split("\n\n")[0])
     p.add_argument("--old", help="π_old: Hugging Face model dir (the policy that sampled the batch)")
     p.add_argument("--new", help="π_θ: Hugging Face model dir (the policy being trained)")
     p.add_argument("--run-dir", help="a training output_dir: its last two checkpoints and val split by default")

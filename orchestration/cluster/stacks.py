@@ -1,7 +1,7 @@
 """Stack dumps of Ray workers, so that a stage that hangs fails with the stuck actor's stack.
 
 Every Ray worker of a run runs `install` at start (Ray's `worker_process_setup_hook`, set in
-orchestration.builders.init_ray): it registers a faulthandler that, on SIGUSR2, writes all of that process's
+orchestration.run.init_ray): it registers a faulthandler that, on SIGUSR2, writes all of that process's
 thread stacks to `<stack_dir>/<pid>.txt`. When a stage exceeds its deadline, the driver signals every
 registered worker on this node and collects the new dumps (`collect`). Workers on other nodes of a cluster
 write their dumps to the same path on their own node.

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the config key(s)."""
+from orchestration.config.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Training curves from a run's metrics.jsonl, for one run or several overlaid (e.g. FIPO vs DAPO).
 
-    python -m orchestration.plot outputs/demo                                   # → outputs/demo/curves.png
-    python -m orchestration.plot outputs/demo outputs/demo_dapo --output outputs/compare.png
+    python -m tools.plot outputs/demo                                   # → outputs/demo/curves.png
+    python -m tools.plot outputs/demo outputs/demo_dapo --output outputs/compare.png
 
 Four panels over training steps: the training batch's reward and accuracy; held-out accuracy (avg@k, and
 cons@k / pass@k for a single run) with the evaluation before training at step 0; the mean response length;
@@ -98,7 +98,7 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m orchestration.plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", help="training output dirs (each with metrics.jsonl)")
     p.add_argument("--output", help="PNG path (default: <run_dir>/curves.png for one run, compare.png beside them)")
     p.add_argument("--labels", nargs="*", help="legend labels, one per run (default: the runs' algorithms)")

@@ -1,8 +1,9 @@
-"""Evaluation: avg@k / cons@k / pass@k of a model on a dataset, and the `python -m orchestration.evaluate` CLI.
+"""Evaluation: avg@k / cons@k / pass@k of a model on a dataset (FIPO_SPEC §7: avg@32, cons@32, pass@32).
 
 `evaluate_rows` is the one evaluation function: the trainer's periodic evaluation (orchestration/steps.py)
-calls it with the run's rollout workers and reward service; the CLI calls it with an in-process engine and
-the in-process reward pool. For each problem it samples k responses, scores them, and reports
+calls it with the run's rollout workers and reward service; the CLI (`python -m tools.evaluate`) calls it with
+an in-process engine and the in-process reward pool. For each problem it samples k responses, scores them, and
+reports
 
     avg@k   mean over problems of (correct samples / k)          (= pass@1 averaged over k samples)
     cons@k  fraction of problems whose majority extracted answer is correct (samples without an answer
@@ -10,36 +11,75 @@ the in-process reward pool. For each problem it samples k responses, scores them
     pass@k  the unbiased estimator 1 − C(n−c, k)/C(n, k) with n = k (the fraction of problems solved at least
             once)
 
-and the mean response length in tokens (FIPO_SPEC §7: the paper's AIME protocol is k = 32, temperature 1.0,
-top-p 0.7, the CLI's defaults).
-
-    python -m orchestration.evaluate --model outputs/demo/checkpoints/step_40/hf \\
-        --data outputs/demo/data/synthetic_val.jsonl --k 32 --output report.json
-
-The CLI needs no Ray: the engine (vLLM, or the transformers reference engine) runs in this process, the
-verifier in isolated child processes (reward.ScorerPool). Progress goes to stderr, the report (JSON) to
---output and its headline numbers to stdout.
+and the mean response length in tokens (the paper's AIME protocol is k = 32, temperature 1.0, top-p 0.7, the
+CLI's defaults).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from math import comb
 from typing import Any, Protocol
 
-from orchestration.data import DataError, PromptRow, drop_long_prompts, load_datasets
-from orchestration.env import apply_env, cluster_env
-from orchestration.errors import clean_exit
-from orchestration.eval_metrics import EVAL_METRIC_KEYS, majority_correct, pass_at_k, summarize
-from orchestration.tasks import SOURCES, habit_of, habit_stats
+from orchestration.data.prompts import DataError, PromptRow
+from orchestration.data.tasks import SOURCES, habit_of, habit_stats
 from reward.extract import answers_at_once
 from rollout.engine import PromptTooLongError
 from rollout.types import Sample, SamplingConfig
+
+# The headline numbers of an evaluation report that become flat metrics (eval/<key>), in this order.
+EVAL_METRIC_KEYS = (
+    "avg_at_k",
+    "cons_at_k",
+    "pass_at_k",
+    "response_length_mean",
+    "answer_first_frac",
+    "answer_first_accuracy",
+    "reasoned_accuracy",
+)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 − C(n − c, k) / C(n, k) for n samples of which c are correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """cons@k for one problem: is the most frequent extracted answer a correct one?
+
+    Samples with no extracted answer do not vote. Ties are broken by the answer that appears first, so the
+    verdict does not depend on dict ordering.
+    """
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    first = next(a for a in answers if a is not None and votes[a] == top)
+    return any(ok for a, ok in zip(answers, correct) if a == first)
+
+
+def summarize(problems: Sequence[tuple[Sequence[str | None], Sequence[bool]]], k: int) -> dict[str, float]:
+    """avg@k (mean pass@1 over the k samples), cons@k (majority vote), pass@k (unbiased), over problems.
+
+    problems: for each problem, (extracted answers, correctness) of its n >= k samples.
+    """
+    if not problems:
+        raise ValueError("no problems to summarize")
+    avg, cons, passk = 0.0, 0.0, 0.0
+    for answers, correct in problems:
+        n, c = len(correct), sum(bool(x) for x in correct)
+        avg += c / n
+        cons += float(majority_correct(answers, correct))
+        passk += pass_at_k(n, c, k)
+    m = len(problems)
+    return {"avg_at_k": avg / m, "cons_at_k": cons / m, "pass_at_k": passk / m, "k": float(k), "problems": float(m)}
+
 
 TASK_SOURCES = frozenset(SOURCES.values())  # rows of the built-in tasks: their responses' habits are reported
 
@@ -113,7 +153,7 @@ def evaluate_rows(
     extracted), `answer_first_frac` (responses that answer with no reasoning before it,
     reward.extract.answers_at_once), `answer_first_accuracy` and `reasoned_accuracy` (the accuracy of those
     responses and of all others; None when there are none), `habits`: on the built-in tasks' rows, the share,
-    accuracy and length of each way of writing the solution (orchestration.tasks.habit_stats; {} on other
+    accuracy and length of each way of writing the solution (orchestration.data.tasks.habit_stats; {} on other
     data), and `per_problem`: [{source, ground_truth, correct (count), majority_answer, majority_correct,
     pass_at_k}] in row order.
     """
@@ -185,111 +225,3 @@ def eval_metrics(report: dict[str, Any], prefix: str = "eval/") -> dict[str, flo
     statistics follow as <prefix>habit/<habit>_frac, _accuracy, _length."""
     out = {f"{prefix}{key}": float(report[key]) for key in EVAL_METRIC_KEYS if report.get(key) is not None}
     return out | {f"{prefix}habit/{key}": value for key, value in report.get("habits", {}).items()}
-
-
-def _progress_printer(label: str) -> Callable[[int, int], None]:
-    start = time.monotonic()
-
-    def show(done: int, total: int) -> None:
-        print(f"{label}: {done}/{total} problems ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
-
-    return show
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m orchestration.evaluate",
-        description="avg@k / cons@k / pass@k of a Hugging Face model directory on a verl-schema dataset.",
-    )
-    p.add_argument("--model", required=True, help="Hugging Face model dir (e.g. a checkpoint's step_k/hf export)")
-    p.add_argument("--data", required=True, nargs="+", help=".jsonl / .parquet file(s) in the verl schema")
-    p.add_argument("--k", type=int, default=32, help="samples per problem (default 32, the paper's AIME protocol)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.7, help="nucleus mass (default 0.7)")
-    p.add_argument("--max-response-tokens", type=int, default=1024, help="most tokens per response (default 1024)")
-    p.add_argument(
-        "--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped and counted (default 1024)"
-    )
-    p.add_argument("--workers", type=int, default=2, help="verifier processes (default 2)")
-    p.add_argument("--reward-fn", default="reward.math:score_math", help="module:function (default DAPO's math)")
-    p.add_argument("--reward-timeout-s", type=float, default=10.0, help="per-sample verifier limit, seconds")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    p.add_argument("--chunk-prompts", type=int, default=8, help="problems per generate call (progress grain)")
-    p.add_argument("--engine", choices=("vllm", "hf", "auto"), default="auto", help="generation engine")
-    p.add_argument("--dtype", default="float32", help="engine dtype (float32 on CPU; bfloat16 on a GPU)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (sample i of problem p: seed + p·k + i)")
-    p.add_argument("--output", default=None, help="write the JSON report here")
-    args = p.parse_args(argv)
-    if args.k < 1 or args.max_response_tokens < 1 or args.max_prompt_tokens < 1 or args.workers < 1:
-        p.error("--k, --max-response-tokens, --max-prompt-tokens and --workers must be >= 1")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the CLI; returns the report (also written to --output)."""
-    args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():  # vLLM's CPU build needs the CPU cluster's settings (orchestration/env.py)
-        apply_env(cluster_env("local_cpu"))
-    from transformers import AutoTokenizer
-
-    from reward.pool import ScorerPool
-    from rollout.worker import RolloutWorker
-
-    rows = load_datasets(args.data)
-    if args.limit is not None:
-        rows = rows[: args.limit]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-
-    rows, skipped = drop_long_prompts(rows, tokenizer, args.max_prompt_tokens, key="--max-prompt-tokens")
-    sampling = SamplingConfig(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_tokens=args.max_response_tokens,
-        n=args.k,
-        seed=args.seed,
-    )
-    start = time.monotonic()
-    worker = RolloutWorker(
-        args.model,
-        engine=args.engine,
-        dtype=args.dtype,
-        max_model_len=args.max_prompt_tokens + args.max_response_tokens,
-        seed=args.seed,
-    )
-    engine_name = type(worker.engine).__name__
-    try:
-        with ScorerPool(args.workers, args.reward_fn, timeout_s=args.reward_timeout_s) as scorer:
-            report = evaluate_rows(
-                worker,
-                scorer,
-                rows,
-                sampling,
-                chunk_prompts=args.chunk_prompts,
-                on_progress=_progress_printer(f"evaluate {Path(args.model).name}"),
-            )
-    finally:
-        worker.shutdown()
-    report = {
-        "model": str(args.model),
-        "data": list(args.data),
-        "skipped_long_prompts": len(skipped),
-        "engine": engine_name,
-        "sampling": dataclasses.asdict(sampling),
-        "max_prompt_tokens": args.max_prompt_tokens,
-        "wall_seconds": time.monotonic() - start,
-    } | report
-    keys = ("avg_at_k", "cons_at_k", "pass_at_k", "k", "problems", "response_length_mean", "answer_first_frac")
-    headline = {k: report[k] for k in keys}
-    print(json.dumps(headline), flush=True)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2))
-        print(f"report written to {args.output}", file=sys.stderr, flush=True)
-    return report
-
-
-if __name__ == "__main__":
-    with clean_exit():  # a bad dataset or option: its message alone, no traceback
-        main()

@@ -1,6 +1,6 @@
 """Will it fit? Each role's GPU memory, from the config alone, before a single GPU is reserved.
 
-    python -m orchestration.plan [the same Hydra overrides as train]     e.g. experiment=fipo_32b cluster.gpu=h200
+    python -m tools.plan [the same Hydra overrides as train]     e.g. experiment=fipo_32b cluster.gpu=h200
 
 prints, for the configured cluster and recipe, a table per role and a verdict, without loading weights and
 without a GPU:
@@ -29,25 +29,23 @@ false skips it). Validation: README "Will it fit?".
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from orchestration.errors import clean_exit
+from orchestration.config.components import learner_config, sizes_from_config, tiny_model_args
+from orchestration.config.errors import ConfigError
+from orchestration.config.gpus import GPU_MEMORY_GIB
 
 GIB = 2**30
-GPU_MEMORY_GIB = {"h100": 79.65, "h200": 140.4, "a100-80gb": 79.15, "a100-40gb": 39.39}
-"""Total memory of each named GPU as nvidia-smi reports it (H100 SXM 81,559 MiB; H200 143,771 MiB; A100 SXM 81,051
-and 40,337 MiB)."""
 ALLOCATOR_HEADROOM = 0.05
 """Share of the learner's measured peak kept free for the caching allocator's fragmentation (with
 expandable_segments, which bench and the learner set)."""
 ENGINE_WORKSPACE_GIB = 1.5
 """An engine's memory besides weights, KV cache and one forward's activations: CUDA graphs, sampler buffers,
 the allocator's slack (an estimate, not measured here)."""
-SHAPES_DIR = Path(__file__).resolve().parents[1] / "conf" / "model" / "shapes"
+SHAPES_DIR = Path(__file__).resolve().parents[2] / "conf" / "model" / "shapes"
 
 
 @dataclass
@@ -108,12 +106,11 @@ def gpu_memory_bytes(cfg) -> float:
 def model_dir_for_plan(cfg, scratch: Path) -> str:
     """A directory holding the policy's config.json: model.path when it is a local directory, the shipped
     shapes (conf/model/shapes) of a hub id, the hub's own config when online, or the tiny model (path null)."""
-    from orchestration.builders import prepare_model
-    from orchestration.sizes import ConfigError
-
     path = cfg.model.path
     if path is None:
-        return prepare_model(replace(cfg, model=replace(cfg.model, warm_start_steps=0)))
+        from rollout.tiny import build_tiny_model  # heavy: torch and transformers
+
+        return str(build_tiny_model(cfg.model.tiny_dir, **tiny_model_args(cfg)))
     if (Path(path).expanduser() / "config.json").is_file():
         return str(Path(path).expanduser())
     shipped = SHAPES_DIR / (path.replace("/", "--") + ".json")
@@ -140,7 +137,7 @@ def worst_case_batch(cfg, vocab_size: int, samples_per_rank: int):
     mini-batch's samples per rank) at their longest when they cannot fill it. When the mini-batch holds more
     samples per rank than one micro-batch, each rank gets two such micro-batches: the second runs while the
     first one's gradients are held, as every micro-batch after the first does. Host tensors."""
-    from learner.synthetic import random_batch
+    from learner.synthetic import random_batch  # heavy: torch
 
     prompt, response = cfg.data.max_prompt_tokens, cfg.rollout.max_response_tokens
     budget = cfg.learner.micro_batch_tokens
@@ -162,13 +159,11 @@ def worst_case_batch(cfg, vocab_size: int, samples_per_rank: int):
 
 
 def _measure(cfg, sizes, model_dir: str, model_config, **learner_overrides):
-    from orchestration.builders import learner_config
-
     learner = replace(cfg.learner, **learner_overrides)
     cfg = replace(cfg, learner=learner)
     batch = worst_case_batch(cfg, model_config.vocab_size, sizes.mini_batch_samples_per_rank)
     config = replace(learner_config(cfg, sizes, model_dir), mini_batch_samples=batch.num_samples)
-    from learner.memory_plan import measure_update
+    from learner.memory_plan import measure_update  # heavy: torch, FSDP2
 
     return measure_update(config, learner.world_size, batch)
 
@@ -341,8 +336,6 @@ def plan(cfg) -> Plan:
     """The plan of a composed config (a TrainConf). Seconds to a minute (a fake run of the learner's step)."""
     from transformers import AutoConfig
 
-    from orchestration.builders import sizes_from_config
-
     sizes = sizes_from_config(cfg)
     gpu = cfg.learner.num_gpus_per_rank > 0
     with tempfile.TemporaryDirectory() as scratch:
@@ -376,33 +369,9 @@ def plan(cfg) -> Plan:
 def check_fit(cfg) -> Plan:
     """At start-up on a GPU cluster: the plan, or ConfigError with the plan and its advice when a role cannot
     fit (cluster.check_fit=false skips the check)."""
-    from orchestration.sizes import ConfigError
-
     result = plan(cfg)
     if not result.fits:
         raise ConfigError(
             "the configuration does not fit its GPUs (cluster.check_fit=false skips this check):\n" + result.render()
         )
     return result
-
-
-def _main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    from orchestration.config import register_configs, to_object
-
-    register_configs()
-
-    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        result = plan(to_object(cfg))
-        print(result.render(), flush=True)
-        print(json.dumps(result.summary()), flush=True)
-
-    main()
-
-
-if __name__ == "__main__":
-    with clean_exit():  # a configuration that cannot work: its message alone, no traceback
-        _main()

@@ -1,8 +1,8 @@
 """Compare training runs grouped by a config key: what a researcher does after every sweep.
 
-    python -m orchestration.compare outputs/sweeps/2026-11-30_10-00-00            # every run under a sweep
-    python -m orchestration.compare RUN_DIR... --group-by algorithm              # grouped by algorithm.name
-    python -m orchestration.compare SWEEP --group-by algorithm.decay_rate --baseline 32.0
+    python -m tools.compare outputs/sweeps/2026-11-30_10-00-00            # every run under a sweep
+    python -m tools.compare RUN_DIR... --group-by algorithm              # grouped by algorithm.name
+    python -m tools.compare SWEEP --group-by algorithm.decay_rate --baseline 32.0
 
 Reads each run's `metrics.jsonl` and `run_info.json` (written by orchestration/train.py), groups the runs by
 the values of `--group-by` (dotted config keys; a config group such as `algorithm` means its `name`), and
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.metrics import RUN_INFO_FILE
-from orchestration.plot import eval_series, read_metrics, series
+from tools.plot import eval_series, read_metrics, series
 
 # Held-out metrics: the run's last evaluation.
 FINAL_EVAL = {
@@ -59,7 +59,7 @@ BEFORE_RL = {
     "eval/initial_avg_at_k": "held-out avg@k before RL",
     "eval/initial_response_length_mean": "length before RL",
 }
-# The built-in tasks' habits (orchestration/tasks.py; free_chain: at_once | partial | stepwise): held-out values of
+# The built-in tasks' habits (orchestration/data/tasks.py; free_chain: at_once | partial | stepwise): held-out values of
 # the last evaluation, the training batches' long-habit share over the last steps, and the first step from which
 # the training batches' long-habit share (trailing mean over --smooth steps) stays >= 1/2 (None: never).
 HABITS = {
@@ -75,7 +75,7 @@ HABITS = {
 }
 LONG_HABIT = "rollout/habit/stepwise_frac"
 _HABITS_TITLE = (
-    "Habits (orchestration/tasks.py): held-out shares and accuracies at the last evaluation; the training batches'"
+    "Habits (orchestration/data/tasks.py): held-out shares and accuracies at the last evaluation; the training batches'"
     " stepwise share over the last steps; the first step from which it stays >= 50% (smoothed; runs that never"
     " get there are left out, n says how many did):"
 )
@@ -378,7 +378,7 @@ def plot_groups(runs: Sequence[dict[str, Any]], output: Path, smooth: int = 1) -
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m orchestration.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="run folders, or folders holding runs (a sweep)")
     p.add_argument("--group-by", nargs="+", default=["algorithm"], help="dotted config keys (default: algorithm)")
     p.add_argument(

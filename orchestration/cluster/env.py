@@ -3,7 +3,7 @@
 * `cluster.env` (conf/cluster/*.yaml) holds what the run's engines need, e.g. on the CPU cluster vLLM's engine
   core in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; otherwise its CPU worker reserves 92% of the machine's
   RAM and refuses to start) and a 1 GiB KV cache. `apply_env` sets them in the driver before anything starts,
-  and orchestration.builders hands them to every Ray worker, so `python -m orchestration.train`, `ray job
+  and orchestration.run hands them to every Ray worker, so `python -m orchestration.train`, `ray job
   submit` and the demo work the same with nothing exported in the shell.
 * `use_local_defaults()` is for tests, benchmarks and the demo on an offline machine (this CPU box, CI, a
   laptop): an offline Hugging Face hub (a hub id otherwise retries for ~48 s), offline wandb (with an API key
@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 LOCAL_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",

@@ -1,7 +1,7 @@
 """The trainer's configuration schema: Hydra structured configs, one docstring per key with its unit.
 
 Naming: `*Conf` classes are Hydra nodes (what a user sets on the command line, e.g. `algorithm.group_size=8`);
-builders in orchestration/builders.py turn them into the components' own frozen configs. Defaults here are
+builders in orchestration/run.py turn them into the components' own frozen configs. Defaults here are
 the official FIPO 32B recipe (FIPO_SPEC §5.1) where one exists; `conf/` YAML files only override values, and
 struct mode rejects unknown keys (a typo is an error, never a silently ignored `+key=`).
 Validation of single values happens in `__post_init__`, which runs when `to_object` turns the composed
@@ -16,9 +16,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from orchestration.faults import FaultSpec
-from orchestration.sizes import ConfigError
-from orchestration.tasks import TASKS, check_habit_mix
+from orchestration.config.errors import ConfigError
+from orchestration.config.faults import FaultSpec
+from orchestration.config.gpus import GPU_MEMORY_GIB
+from orchestration.data.tasks import TASKS, check_habit_mix
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -27,7 +28,7 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 
 SMALL_ACTOR_CPUS = 0.25
-"""Ray CPUs of each reward scorer and of the advantage actor (their bundles: orchestration/layout.py)."""
+"""Ray CPUs of each reward scorer and of the advantage actor (their bundles: orchestration/cluster/layout.py)."""
 
 
 def _positive(value: float, key: str) -> None:
@@ -106,7 +107,7 @@ class AlgorithmConf:
     min(π_old / π_rollout, this); null = off (the official recipes). Worth turning on with stale rollouts."""
 
     def __post_init__(self) -> None:
-        from advantage import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+        from advantage import ADVANTAGE_ESTIMATORS, POLICY_LOSSES  # heavy: torch (the schema loads without it)
         from advantage.losses import LOSS_AGG_MODES
 
         _one_of(self.policy_loss, POLICY_LOSSES.names(), "algorithm.policy_loss")
@@ -154,7 +155,7 @@ class ModelConf:
     tiny_dir: str = "outputs/models/tiny"
     """Where the tiny model is built (reused when it already holds the same model)."""
     warm_start_steps: int = 0
-    """Supervised warm-start (orchestration/warm_start.py) before RL: SFT optimizer steps on the training
+    """Supervised warm-start (orchestration/data/warm_start.py) before RL: SFT optimizer steps on the training
     rows' worked solutions (`extra_info.solution`); 0 = off. Cached in warm_start_dir."""
     warm_start_lr: float = 3e-3
     """Warm-start: peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
@@ -225,7 +226,7 @@ class DataConf:
     synthetic_seed: int | None = None
     """Synthetic task: seed of its problems (and of the train / held-out split); null = the run's `seed`."""
     synthetic_task: str = "chain"
-    """Synthetic task family (orchestration/tasks.py): chain (one operation per line, the length fixed by the
+    """Synthetic task family (orchestration/data/tasks.py): chain (one operation per line, the length fixed by the
     problem) | free_chain (the same problems; a solution writes any number of operations one per line and the
     rest in one line: the length is the policy's choice and more written work is right more often)."""
     synthetic_habit_mix: dict[str, float] = field(
@@ -426,7 +427,7 @@ class TrainerConf:
     that worker (rollout | learner | reward | advantage, from 0) at that step (from 0) right after the phase's
     calls are submitted (the advantage actor: just before), once (or on every attempt with :always). Phases:
     rollout generate | update_weights; learner compute_log_probs | update | weight_buckets | save_checkpoint |
-    export_hf; reward score; advantage compute (orchestration/faults.py). Empty = none."""
+    export_hf; reward score; advantage compute (orchestration/cluster/faults.py). Empty = none."""
     hold_at_step: int | None = None
     """For tests and drills: before this step (from 0) the driver waits until trainer.hold_file exists, having
     written <hold_file>.reached, so that an outside action (`ray job stop`, a node loss) lands at a known step
@@ -497,12 +498,12 @@ class ClusterConf:
     rollout_cpus: list[int] | None = None
     """The cores every rollout worker's process is bound to, as positions among the cores its machine lets it
     use (0 = the first; null: any core). On a 2-core box the single-threaded CPU engine then keeps one
-    core (and its caches) while the learner ranks run beside it; see orchestration/placement.py."""
+    core (and its caches) while the learner ranks run beside it; see orchestration/cluster/cpus.py."""
     learner_nice: int | None = None
     """Niceness the learner ranks raise themselves to, so that the engine wins a shared core
     (null: as Ray started them, 15 like every Ray worker; never lowered)."""
     gpu: str = "h100"
-    """The GPU every learner rank and engine runs on, for the memory plan (orchestration/plan.py): h100 (80 GB),
+    """The GPU every learner rank and engine runs on, for the memory plan (orchestration/cluster/fit.py): h100 (80 GB),
     h200 (141 GB), a100-80gb or a100-40gb; its memory is what nvidia-smi reports as the total."""
     gpu_memory_gib: float | None = None
     """Memory per GPU, GiB; null = the named `cluster.gpu`'s."""
@@ -512,7 +513,7 @@ class ClusterConf:
     """On a GPU cluster (learner.num_gpus_per_rank > 0), run the memory plan at start-up, before any actor is
     created, and stop with its advice if a learner rank or an engine cannot fit; false skips it."""
     layout: str = "packed"
-    """Where the engines go relative to the learner ranks (orchestration/layout.py): packed (wherever they fit,
+    """Where the engines go relative to the learner ranks (orchestration/cluster/layout.py): packed (wherever they fit,
     also beside learner ranks) | separate (only on nodes that hold no learner rank: learner and rollout nodes
     disaggregated). Every engine's resources are one STRICT_PACK bundle (a tensor-parallel engine on one node)."""
     learner_strategy: str = "PACK"
@@ -533,7 +534,6 @@ class ClusterConf:
         )
         bad = [key for key in self.env if not key or "=" in key]
         _check(not bad, "cluster.env", f"invalid variable names {bad}")
-        from orchestration.plan import GPU_MEMORY_GIB
 
         _one_of(self.gpu, GPU_MEMORY_GIB, "cluster.gpu")
         _check(self.gpu_memory_gib is None or self.gpu_memory_gib > 0, "cluster.gpu_memory_gib", "must be > 0 or null")
@@ -563,7 +563,7 @@ class TrainConf:
 
 
 def validate(cfg: TrainConf) -> None:
-    """Checks that involve several keys (sizes are checked by orchestration.sizes.derive_sizes)."""
+    """Checks that involve several keys (sizes are checked by orchestration.config.sizes.derive_sizes)."""
     _check(
         cfg.algorithm.overlong_buffer_tokens <= cfg.rollout.max_response_tokens,
         "algorithm.overlong_buffer_tokens",

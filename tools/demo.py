@@ -1,4 +1,4 @@
-"""The demo: `make demo` (or `python -m orchestration.demo [hydra overrides]`).
+"""The demo: `make demo` (or `python -m tools.demo [hydra overrides]`).
 
 Trains with the embedded default configuration (conf/config.yaml: FIPO on the built-in synthetic arithmetic
 task, the tiny model after a cached supervised warm-start, the local CPU), then writes into the run's
@@ -7,11 +7,11 @@ output directory (outputs/demo, or outputs/demo_<algorithm> for another algorith
     summary.json   initial and final held-out accuracy (avg@k, cons@k, pass@k), steps, wall seconds, algorithm
     metrics.jsonl  every step's metrics (written by the trainer)
     curves.png     reward, held-out accuracy, response length and FIPO's influence weights over the steps
-    credit/        FIPO's token credit between the last two checkpoints (orchestration/credit.py)
+    credit/        FIPO's token credit between the last two checkpoints (tools/credit.py)
     wandb/         the offline wandb run (written by the trainer; `wandb sync` uploads it)
 
 The default task and schedule (conf/config.yaml, conf/model/tiny.yaml, conf/data/synthetic.yaml): left-to-right
-arithmetic with 3-4 operations ("Compute left to right: 7 +3 -2 *3 -9", orchestration/tasks.py); a 1200-step
+arithmetic with 3-4 operations ("Compute left to right: 7 +3 -2 *3 -9", orchestration/data/tasks.py); a 1200-step
 warm-start (~6 min, cached) whose targets are the worked chain for half of the problems and the bare answer
 line for the other half (model.warm_start_shortcut_frac), so the model starts with two habits; 60 RL steps of
 16 prompts × 8 samples (≈ 3.4 s each on 2 cores). On this task reasoning first pays, and RL learns it: the
@@ -22,7 +22,7 @@ final answer-first share and the accuracy of each habit.
 "Initial" is the model after the warm-start and before RL (the trainer's evaluation before step 0), "final"
 the evaluation after the last step, both on the task's held-out split. The demo starts fresh: a previous
 run in the same output directory is removed first (pass trainer.resume=auto to continue it instead).
-Comparing two runs is one command: `python -m orchestration.plot outputs/demo outputs/demo_dapo`.
+Comparing two runs is one command: `python -m tools.plot outputs/demo outputs/demo_dapo`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestration.env import use_local_defaults
+from orchestration.cluster.env import use_local_defaults
 from orchestration.errors import clean_exit
-from orchestration.eval_metrics import EVAL_METRIC_KEYS
+from orchestration.evaluation import EVAL_METRIC_KEYS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -46,7 +46,7 @@ def compose_config(overrides: Sequence[str]):
     start unless the overrides set them."""
     from hydra import compose, initialize_config_dir
 
-    from orchestration.config import register_configs, to_object
+    from orchestration.config.schema import register_configs, to_object
 
     register_configs()
     overrides = list(overrides)
@@ -86,9 +86,9 @@ def accuracy_summary(rows: Sequence[dict]) -> dict[str, float | None]:
 def run_demo(overrides: Sequence[str]) -> dict:
     """Train, then summarise, plot and draw the token credit; returns the summary."""
     use_local_defaults()  # the embedded default needs no network: offline hub and wandb, in-process vLLM
-    from orchestration.credit import main as credit_main
-    from orchestration.plot import plot_runs
     from orchestration.train import train
+    from tools.credit import main as credit_main
+    from tools.plot import plot_runs
 
     cfg = compose_config(overrides)
     out = Path(cfg.trainer.output_dir)

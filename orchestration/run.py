@@ -5,7 +5,6 @@ Each component gets typed, plain arguments (frozen configs of its own), never th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -16,34 +15,30 @@ from typing import Any
 
 import ray
 
-from advantage import POLICY_LOSSES, SAMPLE_FILTERS
+from advantage import SAMPLE_FILTERS
 from advantage.group import AdvantageService
 from advantage.stage import AdvantageStageConfig
-from learner.config import LearnerConfig, LRScheduleConfig, OptimizerConfig
 from learner.group import LearnerGroup
-from orchestration import stacks
 from orchestration.checkpoint import CheckpointManager
-from orchestration.config import SMALL_ACTOR_CPUS, TrainConf
-from orchestration.data import (
-    DataError,
+from orchestration.cluster import stacks
+from orchestration.cluster.cpus import place_this_process
+from orchestration.cluster.env import LOCAL_DEFAULTS, apply_env
+from orchestration.cluster.faults import Faults
+from orchestration.cluster.fit import check_fit
+from orchestration.cluster.layout import Layout, describe, record
+from orchestration.cluster.preflight import check_shared, preflight
+from orchestration.config.components import check_config, learner_config, sampling_config
+from orchestration.config.faults import FaultSpec
+from orchestration.config.schema import SMALL_ACTOR_CPUS, TrainConf
+from orchestration.config.sizes import DerivedSizes
+from orchestration.data.prompts import (
     PromptRow,
     PromptSampler,
-    drop_long_prompts,
-    find_duplicates,
-    load_datasets,
-    load_rows,
 )
-from orchestration.env import LOCAL_DEFAULTS, apply_env
-from orchestration.faults import Faults, FaultSpec
-from orchestration.layout import Layout, describe, record
-from orchestration.placement import place_this_process
-from orchestration.preflight import check_shared, preflight
+from orchestration.inputs import drop_long_rows, load_prompt_rows, prepare_model
 from orchestration.sampling import OverlongShaping, RoundSizer
-from orchestration.sizes import ConfigError, DerivedSizes, derive_sizes
-from orchestration.tasks import make_rows, write_jsonl
 from orchestration.weight_sync import push_weights
 from reward.group import RewardService
-from reward.loader import load_reward_fn
 from rollout.group import RolloutGroup
 from rollout.types import SamplingConfig
 
@@ -55,213 +50,12 @@ log = logging.getLogger(__name__)
 WORKER_ENV = tuple(key for key in LOCAL_DEFAULTS if not key.startswith("RAY_"))
 
 
-def sizes_from_config(cfg: TrainConf) -> DerivedSizes:
-    a = cfg.algorithm
-    return derive_sizes(
-        policy_loss=a.policy_loss,
-        group_size=a.group_size,
-        train_batch_prompts=a.train_batch_prompts,
-        gen_batch_prompts=a.gen_batch_prompts,
-        mini_batch_prompts=a.mini_batch_prompts,
-        learner_world_size=cfg.learner.world_size,
-        micro_batch_tokens=cfg.learner.micro_batch_tokens,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_response_tokens=cfg.rollout.max_response_tokens,
-        rollout_workers=cfg.rollout.num_workers,
-        filter_groups=a.filter_groups,
-    )
-
-
-def policy_loss_config(cfg: TrainConf) -> Any:
-    """The registered loss's own config, with every field the algorithm section sets."""
-    loss = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
-    names = {f.name for f in dataclasses.fields(loss.default_config)}
-    values = {name: getattr(cfg.algorithm, name) for name in names if hasattr(cfg.algorithm, name)}
-    return loss.make_config(**values)
-
-
-def learner_config(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> LearnerConfig:
-    ln = cfg.learner
-    total_optimizer_steps = cfg.trainer.total_steps * sizes.mini_batches_per_step
-    return LearnerConfig(
-        model_dir=model_dir,
-        mini_batch_samples=sizes.mini_batch_samples,
-        micro_batch_tokens=ln.micro_batch_tokens,
-        policy_loss=cfg.algorithm.policy_loss,
-        policy_loss_config=policy_loss_config(cfg),
-        optimizer=OptimizerConfig(
-            lr=ln.lr,
-            betas=tuple(ln.betas),
-            weight_decay=ln.weight_decay,
-            grad_clip=ln.grad_clip if ln.grad_clip > 0 else None,
-        ),
-        lr_schedule=LRScheduleConfig(
-            warmup_steps=ln.warmup_steps,
-            kind=ln.lr_schedule,
-            total_steps=total_optimizer_steps if ln.lr_schedule == "cosine" else None,
-            min_lr_ratio=ln.min_lr_ratio,
-        ),
-        param_dtype=ln.param_dtype,
-        seed=cfg.seed,
-        collective_timeout_s=min(ln.timeout_s, 600.0),
-        packing=ln.packing,
-        share_prompts=ln.share_prompts,
-        activation_checkpointing=ln.activation_checkpointing,
-        logprob_chunk_tokens=ln.logprob_chunk_tokens,
-    )
-
-
-def prepare_model(cfg: TrainConf) -> str:
-    """The policy's HF directory: the configured path, or the tiny model built (once) from the config; then,
-    when model.warm_start_steps > 0, the supervised warm-start of it (trained once, cached by a hash)."""
-    m = cfg.model
-    init_seed = cfg.seed if m.init_seed is None else m.init_seed
-    if m.path:
-        path = m.path
-        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ConfigError(
-                f"model.path: {path!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1): "
-                "download the model first and point model.path at it"
-            )
-    else:
-        from rollout.tiny import build_tiny_model
-
-        path = build_tiny_model(
-            m.tiny_dir,
-            hidden_size=m.tiny_hidden_size,
-            num_hidden_layers=m.tiny_layers,
-            num_attention_heads=m.tiny_heads,
-            num_key_value_heads=m.tiny_kv_heads,
-            intermediate_size=m.tiny_intermediate_size,
-            max_position_embeddings=max(2048, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens),
-            seed=init_seed,
-        )
-    if m.warm_start_steps > 0:
-        from orchestration.warm_start import WarmStartConfig, warm_start, with_shortcuts
-
-        examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, init_seed)
-        recipe = WarmStartConfig(
-            steps=m.warm_start_steps,
-            lr=m.warm_start_lr,
-            batch_rows=m.warm_start_batch_prompts,
-            warmup_steps=m.warm_start_warmup_steps,
-            seed=init_seed,
-            num_threads=m.warm_start_threads,
-        )
-        path = warm_start(path, examples, recipe, m.warm_start_dir)
-    return str(path)
-
-
-def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
-    """The built-in task's (train, val) rows in the verl schema, as data.synthetic_* and the seed define them."""
-    d = cfg.data
-    return make_rows(
-        d.synthetic_train_prompts,
-        d.synthetic_val_prompts,
-        seed=cfg.seed if d.synthetic_seed is None else d.synthetic_seed,
-        min_steps=d.synthetic_min_steps,
-        max_steps=d.synthetic_max_steps,
-        max_value=d.synthetic_max_value,
-        task=d.synthetic_task,
-        habit_mix=d.synthetic_habit_mix,
-    )
-
-
-def warm_start_examples(cfg: TrainConf) -> list[tuple[list[dict], str]]:
-    """(prompt messages, worked solution) of every training row; a row without `extra_info.solution` is an
-    error (the warm-start needs one for every row)."""
-    if cfg.data.train_files:
-        rows = [(list(r.messages), r.extra.get("solution"), r.source) for r in load_datasets(cfg.data.train_files)]
-    else:
-        rows = [(r["prompt"], r["extra_info"]["solution"], "synthetic") for r in synthetic_rows(cfg)[0]]
-    missing = [source for _, solution, source in rows if not isinstance(solution, str)]
-    if missing:
-        raise ValueError(
-            f"model.warm_start_steps > 0 needs extra_info.solution in every training row; {len(missing)} rows lack "
-            f"it (first: {missing[0]}). Set model.warm_start_steps=0 for this dataset."
-        )
-    return [(messages, solution) for messages, solution, _ in rows]
-
-
-def _load_files(key: str, paths: list[str]) -> list[PromptRow]:
-    """Rows of the files under config key `key`: a missing file or a directory is a ConfigError naming the key
-    and the path, a bad file (an empty one included) a DataError naming the key, the file and the row."""
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise ConfigError(f"{key}: file(s) not found: {missing} (relative paths are from {Path.cwd()})")
-    folders = [p for p in paths if Path(p).is_dir()]
-    if folders:
-        raise ConfigError(f"{key}: {folders} is a directory, not a file: list the .jsonl / .parquet files in it")
-    rows = []
-    for path in paths:
-        try:
-            rows += load_rows(path)
-        except DataError as err:
-            raise DataError(f"{key}: {err}") from err
-    return rows
-
-
-def report_duplicates(name: str, rows: list[PromptRow]) -> list[tuple[str, str]]:
-    """Print how many of `rows` repeat an earlier row's prompt and ground truth (they stay in the dataset, so a
-    repeated problem is drawn as often as its copies), naming the first few; returns `find_duplicates(rows)`."""
-    duplicates = find_duplicates(rows)
-    if duplicates:
-        shown = ", ".join(f"{source} (= {first})" for source, first in duplicates[:3])
-        more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
-        print(f"data: {len(duplicates)} {name} row(s) repeat an earlier row's prompt and ground truth (kept, so "
-              f"drawn as often as their copies): {shown}{more}", flush=True)  # fmt: skip
-    return duplicates
-
-
-def load_prompt_rows(cfg: TrainConf) -> tuple[list[PromptRow], list[PromptRow]]:
-    """Train and validation rows: the files parsed and checked (DataError naming file and row), or the synthetic
-    task written under output_dir. Needs no model: bad data fails before the model is built or warm-started.
-    Duplicate rows are printed (and kept); with data files but no data.val_files, a line says that there is no
-    evaluation."""
-    d, t = cfg.data, cfg.trainer
-    if d.train_files:
-        train, val = _load_files("data.train_files", d.train_files), _load_files("data.val_files", d.val_files)
-        report_duplicates("train", train)
-        report_duplicates("validation", val)
-        if not val and (t.eval_every or t.eval_before_train):
-            print("data: no data.val_files, so no evaluation (trainer.eval_every / trainer.eval_before_train have "
-                  "nothing to evaluate)", flush=True)  # fmt: skip
-        return train, val
-    train_rows, val_rows = synthetic_rows(cfg)
-    data_dir = Path(cfg.trainer.output_dir) / "data"
-    train = load_rows(write_jsonl(train_rows, data_dir / "synthetic_train.jsonl"))
-    return train, load_rows(write_jsonl(val_rows, data_dir / "synthetic_val.jsonl"))
-
-
-def drop_long_rows(
-    cfg: TrainConf, tokenizer: Any, train: list[PromptRow], val: list[PromptRow]
-) -> tuple[list[PromptRow], list[PromptRow], dict[str, Any]]:
-    """The rows whose rendered prompt fits data.max_prompt_tokens, and a report of the dropped ones: their counts
-    (logged with every step's metrics as data/dropped_long_*_prompts) and sources (run_info.json), printed."""
-    limit = cfg.data.max_prompt_tokens
-    train, dropped_train = drop_long_prompts(train, tokenizer, limit)
-    val, dropped_val = drop_long_prompts(val, tokenizer, limit)
-    for name, dropped in (("train", dropped_train), ("validation", dropped_val)):
-        if dropped:
-            shown = ", ".join(f"{source} ({n} tokens)" for source, n in dropped[:5])
-            more = f" and {len(dropped) - 5} more (run_info.json lists them)" if len(dropped) > 5 else ""
-            print(f"data: dropped {len(dropped)} {name} prompt(s) longer than data.max_prompt_tokens={limit}: "
-                  f"{shown}{more}", flush=True)  # fmt: skip
-    report = {
-        "train_prompts": len(train),
-        "val_prompts": len(val),
-        "dropped_long_train_prompts": [f"{source} ({n} tokens)" for source, n in dropped_train],
-        "dropped_long_val_prompts": [f"{source} ({n} tokens)" for source, n in dropped_val],
-    }
-    return train, val, report
-
-
 def ray_runtime_env(stack_dir: str | Path, run_env: dict[str, str]) -> dict:
     """The job's runtime env: the run's environment (`run_env`, from apply_env(cluster.env)) and the
-    offline defaults the driver has, and the stack-dump hook (orchestration/stacks.py)."""
+    offline defaults the driver has, and the stack-dump hook (orchestration/cluster/stacks.py)."""
     env = {key: os.environ[key] for key in WORKER_ENV if key in os.environ} | run_env
     env[stacks.STACK_DIR_ENV] = str(Path(stack_dir).resolve())
-    return {"env_vars": env, "worker_process_setup_hook": "orchestration.stacks.install"}
+    return {"env_vars": env, "worker_process_setup_hook": "orchestration.cluster.stacks.install"}
 
 
 def init_ray(cfg: TrainConf, run_env: dict[str, str]) -> bool:
@@ -313,7 +107,7 @@ class Run:
     pushed_weights: list = field(default_factory=list)
     """With trainer.max_staleness 1: the object refs of the last pushed weight buckets (see recover_weights)."""
     layout: Layout | None = None
-    """The run's placement groups (orchestration/layout.py)."""
+    """The run's placement groups (orchestration/cluster/layout.py)."""
     layout_info: dict = field(default_factory=dict)
     """Where every actor started (layout.record): printed at start-up and written to run_info.json."""
     owns_ray: bool = False
@@ -369,38 +163,6 @@ class Run:
             ray.shutdown()
 
 
-def sampling_config(cfg: TrainConf, seed: int, *, evaluation: bool = False) -> SamplingConfig:
-    """Training rollouts' sampling (rollout.*, algorithm.group_size) or the evaluation's (trainer.eval_*)."""
-    r, t = cfg.rollout, cfg.trainer
-    return SamplingConfig(
-        temperature=t.eval_temperature if evaluation else r.temperature,
-        top_p=t.eval_top_p if evaluation else r.top_p,
-        top_k=0 if evaluation else r.top_k,
-        max_tokens=r.max_response_tokens,
-        n=t.eval_samples if evaluation else cfg.algorithm.group_size,
-        seed=seed,
-    )
-
-
-def check_config(cfg: TrainConf) -> DerivedSizes:
-    """Build every component config that needs no model, Ray or data, so that a bad value fails in a second,
-    before the model build, the warm-start or Ray, with the config section named; returns the derived sizes.
-    (Single keys are checked by the schema's __post_init__, sizes by derive_sizes.)"""
-    sizes = sizes_from_config(cfg)
-    checks = (
-        ("algorithm / learner", lambda: learner_config(cfg, sizes, cfg.model.path or cfg.model.tiny_dir)),
-        ("rollout / algorithm.group_size", lambda: sampling_config(cfg, cfg.seed)),
-        ("trainer.eval_*", lambda: sampling_config(cfg, cfg.seed, evaluation=True)),
-        ("reward.fn", lambda: load_reward_fn(cfg.reward.fn)),
-    )
-    for keys, build in checks:
-        try:
-            build()
-        except (ValueError, TypeError, KeyError) as err:
-            raise ConfigError(f"{keys}: {err}") from err
-    return sizes
-
-
 def build_learner(cfg: TrainConf, sizes: DerivedSizes, model_dir: str, layout: Layout) -> LearnerGroup:
     """The learner group (learner.*), its ranks loading `model_dir`, each in its bundle of the layout: at the
     start, and after a lost rank."""
@@ -425,11 +187,9 @@ def placement_setup(cpus: list[int] | None, nice: int | None) -> Callable[[], di
 
 def build_run(cfg: TrainConf) -> Run:
     """Check the config and the machine, set the run's environment, prepare model and data, start Ray and the
-    actor groups (with the fault handling of orchestration/faults.py attached)."""
+    actor groups (with the fault handling of orchestration/cluster/faults.py attached)."""
     sizes = check_config(cfg)
     if cfg.cluster.check_fit and cfg.learner.num_gpus_per_rank > 0:  # GPU memory, before any actor exists
-        from orchestration.plan import check_fit
-
         print(check_fit(cfg).render(), flush=True)
     preflight(cfg)
     train_rows, val_rows = load_prompt_rows(cfg)

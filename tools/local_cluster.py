@@ -7,11 +7,11 @@ the token is `$HOME/.ray/auth_token` (created if missing) and every node and cli
 Killing a node's session takes down its raylet, object store and workers at once, as losing the machine does.
 `stop()` ends only the sessions this cluster started (never `ray stop`, which stops every Ray on the machine).
 
-    python -m orchestration.local_cluster up [--dir D] [--head-cpus 0] [--workers 4,4] [--gpus 0,0]
-    python -m orchestration.local_cluster kill-node N [--dir D]    # N: worker node 1, 2, ...
-    python -m orchestration.local_cluster add-node [--dir D] [--workers 4] [--gpus 0]
-    python -m orchestration.local_cluster down [--dir D]
-    python -m orchestration.local_cluster demo [hydra overrides]   # what `make cluster-demo` runs
+    python -m tools.local_cluster up [--dir D] [--head-cpus 0] [--workers 4,4] [--gpus 0,0]
+    python -m tools.local_cluster kill-node N [--dir D]    # N: worker node 1, 2, ...
+    python -m tools.local_cluster add-node [--dir D] [--workers 4] [--gpus 0]
+    python -m tools.local_cluster down [--dir D]
+    python -m tools.local_cluster demo [hydra overrides]   # what `make cluster-demo` runs
 
 `up` leaves the cluster running and prints its address and dashboard (submit to it with `ray job submit
 --address http://127.0.0.1:PORT`, the venv's bin on PATH); `down` stops it. `demo` brings up a head and two
@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from orchestration.cluster.processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "cluster.json"
@@ -75,45 +76,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes (on this machine) in session `sid`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, session, ...
-        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is gone already (only not yet reaped)
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(sid: int, grace_s: float = 0.0) -> None:
-    """SIGKILL every process of session `sid` (SIGTERM first and `grace_s` to exit, when grace_s > 0)."""
-    if grace_s > 0:
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    for _ in range(5):  # a process may fork while we kill: repeat until the session is empty
-        pids = session_pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
 
 
 @dataclass
@@ -308,7 +270,7 @@ def demo(root: Path, overrides: list[str]) -> int:
         rc = subprocess.run([RAY_CLI, *command], env=cluster.env(), cwd=ROOT).returncode
     info = out / "run_info.json"
     if info.is_file():
-        from orchestration.layout import describe
+        from orchestration.cluster.layout import describe
 
         names = {n.node_id: "head" if n.index == 0 else f"worker node {n.index}" for n in cluster.nodes}
         text = describe(json.loads(info.read_text())["layout"])
@@ -320,7 +282,7 @@ def demo(root: Path, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestration.local_cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.local_cluster", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["up", "down", "kill-node", "add-node", "demo"])
     parser.add_argument("node", nargs="?", type=int, help="kill-node: the worker node (1, 2, ...)")
     parser.add_argument("--dir", type=Path, default=ROOT / "outputs" / "cluster", help="state and logs")

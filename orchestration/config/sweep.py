@@ -8,10 +8,10 @@
   job type (orchestration/train.py, `logger.group` / `logger.job_type` override both).
 * Members run one after the other in one process; a member that fails does not stop the others (Hydra's basic
   sweeper runs them all, then raises the first failure), and whatever a failed member wrote stays on disk.
-* When the sweep ends, `SweepCallback` compares its members (orchestration/compare.py), grouped by the swept
+* When the sweep ends, `SweepCallback` (tools/sweep.py) compares its members (tools/compare.py), grouped by the swept
   keys other than `seed` (seeds are the repetitions), into `<sweep dir>/compare.md`, `compare.json` and
   `compare.png`. After a sweep with a failed member run the
-  comparison yourself: `python -m orchestration.compare <sweep dir>`.
+  comparison yourself: `python -m tools.compare <sweep dir>`.
 
 A folder name with "=" or "," cannot be passed back as an unquoted Hydra value; quote it:
 `'trainer.output_dir="outputs/sweeps/x/algorithm=dapo,seed=1"'`. Re-running the same sweep command with
@@ -23,11 +23,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 SWEPT_KEYS_ENV = "FIPO_SWEPT_KEYS"
@@ -62,23 +59,3 @@ def register_resolver() -> None:
     """`${sweep_member:...}` for conf/config.yaml (idempotent)."""
     if not OmegaConf.has_resolver("sweep_member"):
         OmegaConf.register_new_resolver("sweep_member", lambda overrides: member_dirname(list(overrides)))
-
-
-class SweepCallback(Callback):
-    """Hydra callback (conf/config.yaml, hydra.callbacks.sweep): names members' folders by the swept keys, and
-    compares the members when the sweep ends."""
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(list(config.hydra.overrides.task)))
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from orchestration.compare import main as compare_main
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        group_by = [key for key in swept_keys(list(config.hydra.overrides.task)) if key != "seed"]
-        try:
-            compare_main(
-                [str(sweep_dir), "--output-dir", str(sweep_dir), *(["--group-by", *group_by] if group_by else [])]
-            )
-        except Exception as err:  # the members' results are on disk; a failed comparison must not hide them
-            print(f"sweep: could not compare the runs in {sweep_dir}: {type(err).__name__}: {err}", flush=True)

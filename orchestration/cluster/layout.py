@@ -31,8 +31,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import on_node
-from orchestration.config import SMALL_ACTOR_CPUS, TrainConf
-from orchestration.sizes import ConfigError
+from orchestration.config.errors import ConfigError
+from orchestration.config.schema import SMALL_ACTOR_CPUS, TrainConf
 
 NODE_ID_LABEL = "ray.io/node-id"
 LEARNER_KEYS = "learner.world_size / learner.num_cpus_per_rank / learner.num_gpus_per_rank / cluster.learner_strategy"

@@ -22,7 +22,7 @@ Fault injection (`trainer.fault_inject`, for tests and drills), one string per f
     always  kill on every attempt (the run must then end with the bounded error); without it, once
     node    lose the worker's whole Ray node instead of its process: every process of that node (raylet, object
             store, workers) is SIGKILLed at once, as when a machine is lost. For a local multi-node cluster
-            (orchestration/local_cluster.py: each node is a session of its own on this machine); the driver's
+            (tools/local_cluster.py: each node is a session of its own on this machine); the driver's
             node is refused
 
 e.g. `trainer.fault_inject=[rollout:0@1:generate,learner:1@2:update]`. The worker's process gets a real
@@ -39,57 +39,17 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from actors import on_node
-
-PHASES = {
-    "rollout": ("generate", "update_weights"),
-    "learner": ("compute_log_probs", "update", "weight_buckets", "save_checkpoint", "export_hf"),
-    "reward": ("score",),
-    "advantage": ("compute",),
-}
-"""The phases a fault can be injected in, per kind of worker (the calls that submit work to it)."""
-GRAMMAR = "KIND:INDEX@STEP:PHASE[:always][:node] (e.g. rollout:0@1:generate, learner:1@2:update:always)"
-FLAGS = ("always", "node")
+from orchestration.cluster.processes import kill_session, session_pids
+from orchestration.config.faults import FaultSpec
 
 
 class RestartBudgetError(RuntimeError):
     """A worker kept failing: more than trainer.max_restarts restarts for one step."""
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    """One injected fault: SIGKILL worker `index` of `kind` at `step` in `phase` (on every attempt if `always`;
-    its whole node if `node`)."""
-
-    kind: str
-    index: int
-    step: int
-    phase: str
-    always: bool = False
-    node: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> FaultSpec:
-        """`KIND:INDEX@STEP:PHASE[:always][:node]` → FaultSpec; ValueError naming what is wrong and the grammar."""
-        try:
-            worker, when = text.strip().split("@")
-            kind, index = worker.split(":")
-            step, phase, *flags = when.split(":")
-            spec = cls(kind, int(index), int(step), phase, "always" in flags, "node" in flags)
-        except ValueError:
-            raise ValueError(f"{text!r} is not {GRAMMAR}") from None
-        if kind not in PHASES:
-            raise ValueError(f"{text!r}: kind must be one of {list(PHASES)}")
-        if phase not in PHASES[kind]:
-            raise ValueError(f"{text!r}: a {kind} phase must be one of {list(PHASES[kind])}")
-        if spec.index < 0 or spec.step < 0 or any(f not in FLAGS for f in flags) or len(set(flags)) < len(flags):
-            raise ValueError(f"{text!r}: INDEX and STEP must be >= 0 and the flags are 'always' and 'node'; {GRAMMAR}")
-        return spec
 
 
 def kill_process(pid: int, node_id: str | None) -> None:
@@ -122,14 +82,12 @@ def kill_node(node_id: str) -> None:
 
 
 def _kill_own_node() -> None:
-    from orchestration.local_cluster import kill_session, session_pids
-
     sid = os.getsid(0)
     raylets = [pid for pid in session_pids(sid) if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet"]
     if len(raylets) != 1:
         raise ValueError(
             f"node fault: this node's session {sid} holds {len(raylets)} raylets; node faults need a local "
-            "multi-node cluster (orchestration/local_cluster.py), where every node is a session of its own"
+            "multi-node cluster (tools/local_cluster.py), where every node is a session of its own"
         )
     kill_session(sid)
 

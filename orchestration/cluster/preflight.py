@@ -19,8 +19,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestration.config import TrainConf
-from orchestration.sizes import ConfigError
+from orchestration.config.errors import ConfigError
+from orchestration.config.schema import TrainConf
 
 FLOAT32_BYTES = 4
 OPTIMIZER_COPIES = 3
@@ -118,7 +118,7 @@ def preflight(cfg: TrainConf) -> None:
     files, tokenizer, chat template, vocabulary, architecture), or a tiny model whose head size the engines
     cannot serve."""
     if cfg.cluster.rollout_cpus is not None and cfg.cluster.address is None:  # the workers run here
-        from orchestration.placement import resolve_cpus
+        from orchestration.cluster.cpus import resolve_cpus
 
         try:
             resolve_cpus(cfg.cluster.rollout_cpus, "cluster.rollout_cpus")
