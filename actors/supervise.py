@@ -80,60 +80,12 @@ def supervise(
 
     Exceptions of any other kind (from ray.get, the callables or the hooks) end the call as they are.
     """
-    import ray
-    from ray.exceptions import GetTimeoutError, RayTaskError
-
-    pending: dict[ray.ObjectRef, tuple[int, float]] = {}  # ref → (worker, deadline)
-    results: dict[int, Any] = {}
-
-    def lost_by(k: int, error: Exception, lost_at: float) -> Loss:
-        cause = timed_out if isinstance(error, GetTimeoutError) else f"{died}: {error}"
-        return Loss(k, cause, error, lost_at)
-
-    def start(ks: Sequence[int]) -> list[Loss]:
-        """Submit the tasks of workers `ks`, then call on_submit; returns the workers found lost meanwhile."""
-        processes = {k: process_of(k) for k in ks} if on_submit is not None else {}
-        lost = []
-        for k in ks:
-            try:
-                ref = submit(k)
-            except lost_errors as error:
-                lost.append(lost_by(k, error, time.monotonic()))
-                continue
-            pending[ref] = (k, time.monotonic() + timeout_s)
-        if on_submit is not None:
-            on_submit(phase, processes)
-        return lost
-
-    def wait_next() -> list[Loss]:
-        """Wait for the next task to end or the next deadline; stores a result, or returns the workers lost."""
-        deadline = min(d for _, d in pending.values())
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
-        now = time.monotonic()
-        if not ready:
-            late = [ref for ref, (_, d) in pending.items() if d <= now]
-            return [Loss(pending.pop(ref)[0], timed_out, None, now) for ref in late]
-        k, _ = pending.pop(ready[0])
-        try:
-            results[k] = ray.get(ready[0])
-        except Exception as error:
-            if task_error is not None and isinstance(error, RayTaskError):
-                raise task_error(k, error) from error
-            if not isinstance(error, lost_errors):
-                raise
-            return [lost_by(k, error, now)]
-        return []
-
-    def report(losses: list[Loss]) -> None:
-        for loss in losses:
-            if on_restart is not None:
-                on_restart(loss.worker, phase, loss.cause, loss.lost_at)
-
+    call = _Call(phase, submit, timeout_s, lost_errors, timed_out, died, task_error, process_of, on_submit)
     restarted = 0
-    lost = start(workers)
-    while lost or pending:
+    lost = call.start(workers)
+    while lost or call.pending:
         if not lost:
-            lost = wait_next()
+            lost = call.wait_next()
             continue
         if replace_at_once:
             for loss in lost:
@@ -142,13 +94,85 @@ def supervise(
             raise give_up(lost, restarted)
         restarted += len(lost)
         if replace_at_once:
-            lost_again = start([loss.worker for loss in lost])
-            report(lost)
+            lost_again = call.start([loss.worker for loss in lost])
+            for loss in lost:
+                _report(on_restart, phase, loss)
         else:
             lost_again = []
             for loss in lost:
                 replace(loss.worker)
-                lost_again += start([loss.worker])
-                report([loss])
+                lost_again += call.start([loss.worker])
+                _report(on_restart, phase, loss)
         lost = lost_again
-    return results
+    return call.results
+
+
+def _report(on_restart: Callable[[int, str, str, float], None] | None, phase: str, loss: Loss) -> None:
+    if on_restart is not None:
+        on_restart(loss.worker, phase, loss.cause, loss.lost_at)
+
+
+class _Call:
+    """The bookkeeping of one `supervise` call: the tasks in flight with their deadlines, the results so far, and
+    how a failure or a missed deadline becomes a Loss (supervise's docstring names the arguments)."""
+
+    def __init__(
+        self,
+        phase: str,
+        submit: Callable[[int], ray.ObjectRef],
+        timeout_s: float,
+        lost_errors: tuple[type[Exception], ...],
+        timed_out: str,
+        died: str,
+        task_error: Callable[[int, RayTaskError], Exception] | None,
+        process_of: Callable[[int], tuple[int, str]] | None,
+        on_submit: Callable[[str, dict[int, tuple[int, str]]], None] | None,
+    ) -> None:
+        self.phase, self.submit, self.timeout_s = phase, submit, timeout_s
+        self.lost_errors, self.timed_out, self.died = lost_errors, timed_out, died
+        self.task_error, self.process_of, self.on_submit = task_error, process_of, on_submit
+        self.pending: dict[ray.ObjectRef, tuple[int, float]] = {}  # ref → (worker, deadline)
+        self.results: dict[int, Any] = {}
+
+    def lost_by(self, k: int, error: Exception, lost_at: float) -> Loss:
+        from ray.exceptions import GetTimeoutError  # Ray: imported when a call is made (module docstring)
+
+        cause = self.timed_out if isinstance(error, GetTimeoutError) else f"{self.died}: {error}"
+        return Loss(k, cause, error, lost_at)
+
+    def start(self, ks: Sequence[int]) -> list[Loss]:
+        """Submit the tasks of workers `ks`, then call on_submit; returns the workers found lost meanwhile."""
+        processes = {k: self.process_of(k) for k in ks} if self.on_submit is not None else {}
+        lost = []
+        for k in ks:
+            try:
+                ref = self.submit(k)
+            except self.lost_errors as error:
+                lost.append(self.lost_by(k, error, time.monotonic()))
+                continue
+            self.pending[ref] = (k, time.monotonic() + self.timeout_s)
+        if self.on_submit is not None:
+            self.on_submit(self.phase, processes)
+        return lost
+
+    def wait_next(self) -> list[Loss]:
+        """Wait for the next task to end or the next deadline; stores a result, or returns the workers lost."""
+        import ray  # imported when a call is made (module docstring)
+        from ray.exceptions import RayTaskError
+
+        deadline = min(d for _, d in self.pending.values())
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+        now = time.monotonic()
+        if not ready:
+            late = [ref for ref, (_, d) in self.pending.items() if d <= now]
+            return [Loss(self.pending.pop(ref)[0], self.timed_out, None, now) for ref in late]
+        k, _ = self.pending.pop(ready[0])
+        try:
+            self.results[k] = ray.get(ready[0])
+        except Exception as error:
+            if self.task_error is not None and isinstance(error, RayTaskError):
+                raise self.task_error(k, error) from error
+            if not isinstance(error, self.lost_errors):
+                raise
+            return [self.lost_by(k, error, now)]
+        return []

@@ -145,7 +145,7 @@ def discounted_future_sum(
     if mask is not None and mask.shape != values.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != values shape {tuple(values.shape)}")
     if _use_triton(values, backend):
-        from advantage.future_sum_triton import future_sum_triton
+        from advantage.future_sum_triton import future_sum_triton  # optional: Triton, on a GPU only
 
         try:
             return future_sum_triton(values, float(gamma), mask)

@@ -267,6 +267,18 @@ def influence_weights(future_kl: torch.Tensor, config: FIPOLossConfig) -> torch.
     return torch.exp(future_kl.clamp(max=math.log(10.0))).clamp(max=10.0)  # official mode C: cap 10, no floor
 
 
+def future_kl_weights(
+    delta: torch.Tensor, response_mask: torch.Tensor, config: FIPOLossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FIPO's per-token credit from Δ = clamp(log π_θ − log π_old, ±20) [B, T] float32 (no grad) and the
+    response mask [B, T] bool (FIPO_SPEC §3.2-3.4): (participates [B, T] bool: response tokens with exp Δ ≤ c,
+    future_kl F [B, T]: the discounted inclusive future sum of Δ over them, weights f = clip(exp F) [B, T]),
+    before the advantage-dependent safety rule. The loss and the credit picture (tools/credit.py) both call it."""
+    participates = response_mask & (delta <= math.log(config.clip_c))
+    future_kl = discounted_future_sum(delta, config.gamma, participates)
+    return participates, future_kl, influence_weights(future_kl, config)
+
+
 def fipo_policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -306,9 +318,7 @@ def fipo_policy_loss(
 
     with torch.no_grad():
         delta = log_ratio.detach()
-        participates = mask & (delta <= math.log(config.clip_c))
-        future_kl = discounted_future_sum(delta, config.gamma, participates)
-        weights = influence_weights(future_kl, config)
+        _, future_kl, weights = future_kl_weights(delta, mask, config)
         safety = (advantages < 0) & (ratio.detach() > config.safety_threshold)
         weights = torch.where(safety, weights.clamp(0.8, 1.0), weights)
 

@@ -14,6 +14,7 @@ import torch
 from advantage.batch import REWARD_OK, RolloutBatch
 from advantage.estimators import broadcast_to_tokens
 from advantage.losses import masked_mean
+from advantage.registry import ADVANTAGE_ESTIMATORS
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,6 @@ class AdvantageWorker:
     """The plain body of the advantage actor (advantage/group.py): an estimator and its settings, for batches."""
 
     def __init__(self, estimator_name: str, config: AdvantageStageConfig) -> None:
-        from advantage.registry import ADVANTAGE_ESTIMATORS
-
         self.estimator = ADVANTAGE_ESTIMATORS.get(estimator_name)
         self.config = config
 

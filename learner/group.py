@@ -73,7 +73,7 @@ class _LearnerActor:
         return location() | {"port": free_port()}
 
     def setup(self, config: LearnerConfig, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        from learner.worker import LearnerWorker
+        from learner.worker import LearnerWorker  # heavy: torch.distributed and FSDP2, in the rank's process only
 
         init_distributed(rank, world_size, master_addr, master_port, config.collective_timeout_s)
         self.worker = LearnerWorker(config)

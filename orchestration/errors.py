@@ -5,7 +5,7 @@ that fills while saving: each is raised as an error whose message names the key,
 (ConfigError, DataError, PlacementError, RestartBudgetError, CheckpointError). The entry points (`python -m
 orchestration.train`, `tools.demo`, `orchestration.evaluation`, `orchestration.cluster.fit`) run inside
 `clean_exit()`, which prints such an error as `error: <message>` on stderr and exits with status 1; it is also
-found as the cause of a failed step (StageError). Anything else is a bug and keeps its traceback. Nothing
+found as the cause of a failed step (PhaseError). Anything else is a bug and keeps its traceback. Nothing
 computed is lost on the way out: the training loop's own `finally` has closed the metrics log and the actors
 by then.
 """
@@ -34,7 +34,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def user_message(err: BaseException, kinds: tuple[type[BaseException], ...] = USER_ERRORS) -> str | None:
     """The message to print for `err` when it, or an error in its cause chain, is one of `kinds`: the
-    outermost message (a failed step's names the step and stage, then the cause); None for anything else."""
+    outermost message (a failed step's names the step and phase, then the cause); None for anything else."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, kinds):

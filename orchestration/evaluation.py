@@ -183,19 +183,6 @@ def evaluate_rows(
         if on_progress is not None:
             on_progress(len(problems), len(rows))
     summary = summarize(problems, k)
-    per_problem = []
-    for row, (answers, correct) in zip(rows, problems):
-        votes = [a for a in answers if a is not None]
-        per_problem.append(
-            {
-                "source": row.source,
-                "ground_truth": row.ground_truth,
-                "correct": sum(correct),
-                "majority_answer": max(votes, key=votes.count) if votes else None,
-                "majority_correct": majority_correct(answers, correct),
-                "pass_at_k": pass_at_k(len(correct), sum(correct), k),
-            }
-        )
     answers_all = [a for answers, _ in problems for a in answers]
     return {
         "avg_at_k": summary["avg_at_k"],
@@ -211,8 +198,29 @@ def evaluate_rows(
         "answer_first_accuracy": _mean([correct for first, correct in at_once if first]),
         "reasoned_accuracy": _mean([correct for first, correct in at_once if not first]),
         "habits": habit_stats(habits),
-        "per_problem": per_problem,
+        "per_problem": per_problem(rows, problems, k),
     }
+
+
+def per_problem(
+    rows: Sequence[PromptRow], problems: Sequence[tuple[Sequence[str | None], Sequence[bool]]], k: int
+) -> list[dict[str, Any]]:
+    """The report's per-problem lines, in row order: source, ground truth, correct samples, the majority answer
+    and whether it is correct, pass@k; `problems[i]` = (extracted answers, correctness) of row i's samples."""
+    lines = []
+    for row, (answers, correct) in zip(rows, problems):
+        votes = [a for a in answers if a is not None]
+        lines.append(
+            {
+                "source": row.source,
+                "ground_truth": row.ground_truth,
+                "correct": sum(correct),
+                "majority_answer": max(votes, key=votes.count) if votes else None,
+                "majority_correct": majority_correct(answers, correct),
+                "pass_at_k": pass_at_k(len(correct), sum(correct), k),
+            }
+        )
+    return lines
 
 
 def _mean(values: Sequence[bool]) -> float | None:

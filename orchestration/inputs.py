@@ -35,11 +35,11 @@ def prepare_model(cfg: TrainConf) -> str:
                 "download the model first and point model.path at it"
             )
     else:
-        from rollout.tiny import build_tiny_model
+        from rollout.tiny import build_tiny_model  # heavy: torch and transformers
 
         path = build_tiny_model(m.tiny_dir, **tiny_model_args(cfg))
     if m.warm_start_steps > 0:
-        from orchestration.data.warm_start import WarmStartConfig, warm_start, with_shortcuts
+        from orchestration.data.warm_start import WarmStartConfig, warm_start, with_shortcuts  # heavy: torch
 
         examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, seed)
         recipe = WarmStartConfig(

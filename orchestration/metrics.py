@@ -1,6 +1,6 @@
 """Per-step metrics: what the rollout produced, and where they go (metrics.jsonl, wandb, the console).
 
-Keys carry a prefix by stage: rollout/, reward/, dynamic_filter/, advantage/, mismatch/, learner/, perf/,
+Keys carry a prefix by phase: rollout/, reward/, dynamic_filter/, advantage/, mismatch/, learner/, perf/,
 timing_s/. The same flat dict goes to metrics.jsonl (one object per step, with `step`) and to wandb.
 """
 
@@ -54,7 +54,7 @@ def rollout_metrics(batch: RolloutBatch, max_response_tokens: int) -> dict[str, 
 
 
 def timing_metrics(timings: Mapping[str, float], metrics: Mapping[str, float]) -> dict[str, float]:
-    """The step's stage timings plus perf/tokens_per_s (generated tokens / step wall time) and, when the
+    """The step's phase timings plus perf/tokens_per_s (generated tokens / step wall time) and, when the
     rollout was collected (partly) in the background, perf/rollout_hidden_frac: the share of its busy time the
     loop did not wait for (0 = synchronous, 1 = fully overlapped with training)."""
     out = dict(timings) | {"perf/tokens_per_s": metrics["rollout/tokens"] / timings["timing_s/step"]}

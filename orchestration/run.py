@@ -1,6 +1,8 @@
-"""Builders: the validated config (TrainConf) → the objects of a run. The only place config meets components.
+"""The run's assembly: from the validated config (TrainConf), start or join Ray, place the actor groups, and hold
+them in a `Run` with the model, the prompt rows and the loop's helpers.
 
-Each component gets typed, plain arguments (frozen configs of its own), never the config tree.
+Each component gets typed, plain arguments: its frozen config from orchestration/config/components.py, never the
+config tree; the model and the rows come from orchestration/inputs.py.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from orchestration.cluster.faults import Faults
 from orchestration.cluster.fit import check_fit
 from orchestration.cluster.layout import Layout, describe, record
 from orchestration.cluster.preflight import check_shared, preflight
-from orchestration.config.components import check_config, learner_config, sampling_config
-from orchestration.config.faults import FaultSpec
+from orchestration.config.components import check_config, engine_kwargs, learner_config, sampling_config
 from orchestration.config.schema import SMALL_ACTOR_CPUS, TrainConf
 from orchestration.config.sizes import DerivedSizes
 from orchestration.data.prompts import (
@@ -185,36 +186,22 @@ def placement_setup(cpus: list[int] | None, nice: int | None) -> Callable[[], di
     return partial(place_this_process, cpus=None if cpus is None else list(cpus), nice=nice)
 
 
-def build_run(cfg: TrainConf) -> Run:
-    """Check the config and the machine, set the run's environment, prepare model and data, start Ray and the
-    actor groups (with the fault handling of orchestration/cluster/faults.py attached)."""
-    sizes = check_config(cfg)
-    if cfg.cluster.check_fit and cfg.learner.num_gpus_per_rank > 0:  # GPU memory, before any actor exists
-        print(check_fit(cfg).render(), flush=True)
-    preflight(cfg)
-    train_rows, val_rows = load_prompt_rows(cfg)
-    run_env = apply_env(cfg.cluster.env)
-    model_dir = prepare_model(cfg)
-    from transformers import AutoTokenizer
+@dataclass
+class Groups:
+    """The run's actor groups, each in its bundles of `layout`, and where every actor started (layout.record)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_rows, val_rows, data_report = drop_long_rows(cfg, tokenizer, train_rows, val_rows)
-    owns_ray = init_ray(cfg, run_env)
-    r = cfg.rollout
-    engine_kwargs: dict[str, Any] = {
-        "dtype": r.dtype,
-        "max_model_len": cfg.data.max_prompt_tokens + r.max_response_tokens,
-        "seed": cfg.seed,
-    }
-    if r.engine != "hf":
-        engine_kwargs["tensor_parallel_size"] = r.tensor_parallel_size
-        if r.num_gpus_per_worker > 0:
-            engine_kwargs["engine_kwargs"] = {"gpu_memory_utilization": r.gpu_memory_utilization}
-        if r.tensor_parallel_size > 1:  # vLLM's own processes on the engine's GPUs; inside a placement group it
-            # would otherwise start Ray workers of its own, which the engine's bundle has no GPUs left for
-            engine_kwargs.setdefault("engine_kwargs", {})["distributed_executor_backend"] = "mp"
-    elif r.dtype == "auto":
-        engine_kwargs["dtype"] = "float32"
+    layout: Layout
+    rollout: RolloutGroup
+    reward: RewardService
+    learner: LearnerGroup
+    advantage: AdvantageService
+    layout_info: dict
+
+
+def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
+    """Place every bundle (bounded wait), check that the model and the output folder are where the actors will
+    run, then start the rollout engines, the scorers, the learner ranks and the advantage actor. On any failure
+    whatever was started is shut down and the placement groups removed before the error propagates."""
     parts: list[Any] = []
     layout = None
     try:
@@ -222,11 +209,12 @@ def build_run(cfg: TrainConf) -> Run:
         model_key = "model.path" if cfg.model.path else "model.tiny_dir / model.warm_start_dir"
         check_shared(model_dir, model_key, layout.nodes(), write=False)
         check_shared(cfg.trainer.output_dir, "trainer.output_dir", layout.nodes(engines=False), write=True)
+        r = cfg.rollout
         rollout = RolloutGroup(
             model_dir,
             r.num_workers,
             engine=r.engine,
-            engine_kwargs=engine_kwargs,
+            engine_kwargs=engine_kwargs(cfg),
             num_cpus_per_worker=r.num_cpus_per_worker,
             num_gpus_per_worker=r.num_gpus_per_worker,
             timeout_s=r.timeout_s,
@@ -260,10 +248,32 @@ def build_run(cfg: TrainConf) -> Run:
             part.shutdown()
         if layout is not None:
             layout.remove()
+        raise
+    return Groups(layout, rollout, reward, learner, advantage, layout_info)
+
+
+def build_run(cfg: TrainConf) -> Run:
+    """Check the config and the machine, set the run's environment, prepare model and data, start Ray and the
+    actor groups (with the fault handling of orchestration/cluster/faults.py attached)."""
+    sizes = check_config(cfg)
+    if cfg.cluster.check_fit and cfg.learner.num_gpus_per_rank > 0:  # GPU memory, before any actor exists
+        print(check_fit(cfg).render(), flush=True)
+    preflight(cfg)
+    train_rows, val_rows = load_prompt_rows(cfg)
+    run_env = apply_env(cfg.cluster.env)
+    model_dir = prepare_model(cfg)
+    from transformers import AutoTokenizer  # heavy: transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_rows, val_rows, data_report = drop_long_rows(cfg, tokenizer, train_rows, val_rows)
+    owns_ray = init_ray(cfg, run_env)
+    try:
+        groups = start_groups(cfg, sizes, model_dir)
+    except BaseException:
         if owns_ray:
             ray.shutdown()
         raise
-    a = cfg.algorithm
+    a, r = cfg.algorithm, cfg.rollout
     run = Run(
         cfg=cfg,
         sizes=sizes,
@@ -272,27 +282,27 @@ def build_run(cfg: TrainConf) -> Run:
         val_rows=val_rows,
         data_report=data_report,
         sampler=PromptSampler(len(train_rows), cfg.seed, cfg.data.shuffle),
-        rollout=rollout,
-        reward=reward,
-        learner=learner,
-        advantage=advantage,
+        rollout=groups.rollout,
+        reward=groups.reward,
+        learner=groups.learner,
+        advantage=groups.advantage,
         sample_filter=SAMPLE_FILTERS.get("correctness_varies") if a.filter_groups else None,
         shaping=OverlongShaping(r.max_response_tokens, a.overlong_buffer_tokens, a.overlong_penalty_factor)
         if a.overlong_buffer_tokens > 0
         else None,
         ckpt=CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_checkpoints),
-        uses_reference=learner.config.uses_reference,
+        uses_reference=groups.learner.config.uses_reference,
         round_sizer=RoundSizer(a.gen_batch_prompts, a.gen_round_margin)
         if a.adaptive_gen_rounds and a.filter_groups
         else None,
-        faults=Faults([FaultSpec.parse(text) for text in cfg.trainer.fault_inject], cfg.trainer.max_restarts),
-        layout=layout,
-        layout_info=layout_info,
+        faults=Faults(cfg.trainer.fault_specs, cfg.trainer.max_restarts),
+        layout=groups.layout,
+        layout_info=groups.layout_info,
         owns_ray=owns_ray,
     )
-    print(describe(layout_info), flush=True)
-    for kind, group in (("rollout", rollout), ("learner", learner), ("reward", reward), ("advantage", advantage)):
-        run.faults.attach(kind, group)
+    print(describe(groups.layout_info), flush=True)
+    for kind in ("rollout", "learner", "reward", "advantage"):
+        run.faults.attach(kind, getattr(run, kind))
     # a restarted engine gets the learner's current weights (the learner of the moment: it may be replaced)
-    rollout.recover_weights = run.recover_weights
+    run.rollout.recover_weights = run.recover_weights
     return run

@@ -3,7 +3,7 @@
 `GroupPool` takes each round's samples and rewards, keeps the groups the sample filter accepts (by default
 those whose correctness varies), counts drops by reason, and turns the first `target_prompts` kept groups into
 one `RolloutBatch` (rewards = score + overlong penalty; correct; reward_status). Running out of rounds is the
-caller's error to raise (see orchestration.train), never a silent partial batch.
+caller's error to raise (orchestration.steps.collect_batch), never a silent partial batch.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ from orchestration.run import Run
 from orchestration.sampling import GroupPool, group_samples
 
 
-class StageError(RuntimeError):
+class PhaseError(RuntimeError):
     """A phase of a step failed or ran past its deadline; the message names the phase and the step."""
 
-    def __init__(self, message: str, *, stage: str, step: int) -> None:
+    def __init__(self, message: str, *, phase: str, step: int) -> None:
         super().__init__(message)
-        self.stage, self.step = stage, step
+        self.phase, self.step = phase, step
 
 
 def is_timeout(err: BaseException | None) -> bool:
@@ -42,19 +42,19 @@ def is_timeout(err: BaseException | None) -> bool:
 
 
 @contextmanager
-def stage(name: str, step: int, timings: dict[str, float], stack_dir: str | None = None) -> Iterator[None]:
-    """Time a phase into timings["timing_s/<name>"]; re-raise any failure as StageError naming it. When the
+def phase(name: str, step: int, timings: dict[str, float], stack_dir: str | None = None) -> Iterator[None]:
+    """Time a phase into timings["timing_s/<name>"]; re-raise any failure as PhaseError naming it. When the
     failure is a missed deadline, the message carries the stacks of the workers running project code."""
     start = time.perf_counter()
     try:
         yield
     except Exception as err:
         message = (
-            f"step {step}: stage '{name}' failed after {time.perf_counter() - start:.1f} s: {type(err).__name__}: {err}"
+            f"step {step}: phase '{name}' failed after {time.perf_counter() - start:.1f} s: {type(err).__name__}: {err}"
         )
         if stack_dir is not None and is_timeout(err):
             message += f"\nstacks of the workers (dumps in {stack_dir}):\n{stacks.collect(stack_dir)}"
-        raise StageError(message, stage=name, step=step) from err
+        raise PhaseError(message, phase=name, step=step) from err
     timings[f"timing_s/{name}"] = time.perf_counter() - start
 
 
@@ -75,8 +75,8 @@ def restore(run: Run, path: Path | None, wandb_run_id: str | None = None) -> Tra
     return state
 
 
-def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_id: str | None) -> TrainerState:
-    """After a failed stage: when the learner group failed (a rank raised or died, a call or a collective timed
+def recover_learner(run: Run, err: PhaseError, logger: MetricsLogger, wandb_run_id: str | None) -> TrainerState:
+    """After a failed phase: when the learner group failed (a rank raised or died, a call or a collective timed
     out), replace it by a new group, restore this run's newest checkpoint or snapshot (or the start) into it,
     push those weights to the engines and drop the metrics rows after it; returns the restored state, from
     which the loop replays (resume is exact, so the replayed steps are the same). Re-raises anything else, and
@@ -98,7 +98,7 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
         rank_error = next((e for e in _causes(error) if isinstance(e, LearnerRankError)), None)
         rank = rank_error.rank if rank_error is not None else None
         worker = f"learner rank {rank}" if rank is not None else f"learner group ({run.learner.failed})"
-        run.faults.learner_failed(err.step, err.stage, worker, error)
+        run.faults.learner_failed(err.step, err.phase, worker, error)
         attempts += 1
         try:
             run.replace_learner()
@@ -112,7 +112,7 @@ def recover_learner(run: Run, err: StageError, logger: MetricsLogger, wandb_run_
             error = again
     logger.truncate_after(state.step)
     run.faults.replayed_steps += err.step - state.step
-    run.faults.restarted("learner", rank, err.stage, str(rank_error or error), lost_at, restarts=attempts)
+    run.faults.restarted("learner", rank, err.phase, str(rank_error or error), lost_at, restarts=attempts)
     say(f"learner restored from {path or 'the start of the run'}; replaying from step {state.step}")
     return state
 

@@ -17,28 +17,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from orchestration.checkpoint import TrainerState
 from orchestration.config.errors import ConfigError
 from orchestration.config.schema import TrainConf, register_configs, to_object
 from orchestration.config.sweep import register_resolver
 from orchestration.errors import clean_exit
 from orchestration.metrics import RUN_INFO_FILE, MetricsLogger, rollout_metrics, run_info, timing_metrics, to_floats
 from orchestration.pipeline import RolloutPipeline
-from orchestration.run import build_run, stack_dir
+from orchestration.run import Run, build_run, stack_dir
 from orchestration.steps import (
-    StageError,
+    PhaseError,
     compute_advantages,
     evaluate,
     learner_metrics,
+    phase,
     recover_learner,
     restore,
-    stage,
 )
 
 
 def train(cfg: TrainConf) -> dict[str, float]:
     """Run (or resume) training; returns the last step's metrics. A failed learner group is rebuilt and the
     run replayed from its newest restore point (`recover_learner`); lost engines and reward actors are
-    replaced inside their groups (README "Reliability")."""
+    replaced inside their groups (docs/reliability.md)."""
     run = build_run(cfg)
     t, stacks = cfg.trainer, stack_dir(cfg)
     print(run.sizes.describe(), flush=True)
@@ -46,25 +47,7 @@ def train(cfg: TrainConf) -> dict[str, float]:
     try:
         latest = run.ckpt.latest() if t.resume == "auto" else None
         state = restore(run, latest)
-        info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict()) | {
-            "layout": run.layout_info,  # where every learner rank, engine and scorer started
-            "data": run.data_report,  # prompts kept, and those dropped as too long (source, tokens)
-        }
-        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(t.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
-        logger = MetricsLogger(
-            t.output_dir,
-            total_steps=t.total_steps,
-            wandb_mode=cfg.logger.wandb_mode,
-            project=cfg.logger.project,
-            run_name=cfg.logger.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
-            run_id=state.wandb_run_id,
-            group=cfg.logger.group,
-            job_type=cfg.logger.job_type or cfg.algorithm.name,
-            config=info,
-        )
-        logger.truncate_after(state.step)
-        state.wandb_run_id = logger.run_id
+        logger = open_logger(run, state)
         if latest:
             print(f"resumed from {latest} (step {state.step}, policy version {state.policy_version})", flush=True)
         run.push_weights(state.policy_version)
@@ -78,54 +61,86 @@ def train(cfg: TrainConf) -> dict[str, float]:
             metrics = dict(run.data_metrics)
             try:
                 if run.val_rows and t.eval_before_train and step == 0:
-                    with stage("eval", step, timings, stacks):
+                    with phase("eval", step, timings, stacks):
                         initial = evaluate(run, run.val_rows, step)
                         metrics |= {k.replace("eval/", "eval/initial_"): v for k, v in initial.items()}
-                with stage("rollout", step, timings, stacks):  # collected now, or ahead during the last step
+                with phase("rollout", step, timings, stacks):  # collected now, or ahead during the last step
                     batch, rollout_info = run.pipeline.batch(step, state.policy_version)
                 metrics |= rollout_info | rollout_metrics(batch, cfg.rollout.max_response_tokens)
                 run.pipeline.start(step + 1)  # max_staleness 1: the next batch is generated while this one trains
-                with stage("old_log_probs", step, timings, stacks):
+                with phase("old_log_probs", step, timings, stacks):
                     batch = batch.replace(old_log_probs=run.learner.compute_log_probs(batch))
                 if run.uses_reference:
-                    with stage("ref_log_probs", step, timings, stacks):
+                    with phase("ref_log_probs", step, timings, stacks):
                         batch = batch.replace(ref_log_probs=run.learner.compute_log_probs(batch, reference=True))
-                with stage("advantages", step, timings, stacks):
+                with phase("advantages", step, timings, stacks):
                     batch, adv_metrics = compute_advantages(run, batch)
-                with stage("update", step, timings, stacks):
+                with phase("update", step, timings, stacks):
                     metrics |= learner_metrics(run.learner.update(batch)) | to_floats(adv_metrics)
-                with stage("rollout_wait", step, timings, stacks):  # the engines finish the next batch first
+                with phase("rollout_wait", step, timings, stacks):  # the engines finish the next batch first
                     run.pipeline.drain()
-                with stage("weight_sync", step, timings, stacks):
+                with phase("weight_sync", step, timings, stacks):
                     state.policy_version += 1
                     metrics |= run.push_weights(state.policy_version)
                 last = step + 1 == t.total_steps
                 if run.val_rows and t.eval_every and ((step + 1) % t.eval_every == 0 or last):
-                    with stage("eval", step, timings, stacks):
+                    with phase("eval", step, timings, stacks):
                         metrics |= evaluate(run, run.val_rows, step + 1)
                 state.step, state.sampler = step + 1, run.sampler.state_dict()
                 state.extra["round_sizer"] = run.round_sizer.state_dict() if run.round_sizer else {}
                 snapshot = not ((t.save_every and state.step % t.save_every == 0) or last)
                 if not snapshot or (t.snapshot_every and state.step % t.snapshot_every == 0):
-                    with stage("snapshot" if snapshot else "checkpoint", step, timings, stacks):
+                    with phase("snapshot" if snapshot else "checkpoint", step, timings, stacks):
                         run.ckpt.save(state, run.learner, snapshot=snapshot, pending=run.pipeline.state_dict())
-            except StageError as err:  # a failed learner: a new group, restored; the loop replays from there
+            except PhaseError as err:  # a failed learner: a new group, restored; the loop replays from there
                 state = recover_learner(run, err, logger, state.wandb_run_id)
                 continue
             timings["timing_s/step"] = time.perf_counter() - start
             metrics |= timing_metrics(timings, metrics) | run.faults.metrics()
             logger.log(step, metrics)
-        if metrics:  # a run resumed at its last step trained nothing: its summary stays as it was
-            summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
-            (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        else:
-            print(f"nothing to do: {t.output_dir} already holds all {t.total_steps} steps", flush=True)
+        write_summary(run, metrics)
         return metrics
     finally:
         if logger is not None:
             logger.close()
         run.pipeline.close()
         run.shutdown()
+
+
+def open_logger(run: Run, state: TrainerState) -> MetricsLogger:
+    """Write the run's run_info.json (config, sizes, layout, data report) and open its metrics log (metrics.jsonl
+    cut back to `state.step` on a resume, and the same wandb run); `state` takes the wandb run id."""
+    cfg, t = run.cfg, run.cfg.trainer
+    info = run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), run.sizes.as_dict()) | {
+        "layout": run.layout_info,  # where every learner rank, engine and scorer started
+        "data": run.data_report,  # prompts kept, and those dropped as too long (source, tokens)
+    }
+    Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(t.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
+    logger = MetricsLogger(
+        t.output_dir,
+        total_steps=t.total_steps,
+        wandb_mode=cfg.logger.wandb_mode,
+        project=cfg.logger.project,
+        run_name=cfg.logger.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
+        run_id=state.wandb_run_id,
+        group=cfg.logger.group,
+        job_type=cfg.logger.job_type or cfg.algorithm.name,
+        config=info,
+    )
+    logger.truncate_after(state.step)
+    state.wandb_run_id = logger.run_id
+    return logger
+
+
+def write_summary(run: Run, metrics: dict[str, float]) -> None:
+    """summary.json: the last step's metrics; a run resumed at its last step trained nothing, and says so."""
+    t = run.cfg.trainer
+    if metrics:
+        summary = {"steps": t.total_steps, "output_dir": t.output_dir, "final_metrics": metrics}
+        (run.ckpt.root.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    else:
+        print(f"nothing to do: {t.output_dir} already holds all {t.total_steps} steps", flush=True)
 
 
 def hold(path: str, step: int) -> None:

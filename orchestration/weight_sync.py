@@ -52,7 +52,7 @@ def push_weights(
         bucket_bytes: target size of one object-store bucket, bytes.
         ranks: the rollout workers to update; None = all.
         keep: a list that receives the bucket refs (which keeps these weights in the object store, so that a
-            restarted engine can get them again without asking the learner; see `resend_weights`).
+            restarted engine can get them again without asking the learner; see `Run.recover_weights`).
     Returns: {"weight_sync/bytes": bytes of one full copy, "weight_sync/seconds": wall time from the first
         gather to the last engine's finished load, "weight_sync/gb_per_s": bytes / seconds / 1e9,
         "weight_sync/num_buckets", "weight_sync/policy_version"}.

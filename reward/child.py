@@ -17,6 +17,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from reward.loader import load_reward_fn
+from reward.result import STATUS_ERROR, RewardResult, as_reward_result
+
 ResultFields = tuple[bool, float, str, "str | None", "str | None"]
 
 
@@ -29,8 +32,6 @@ def main(fd: int) -> None:
         for entry in reversed(config["sys_path"]):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        from reward.loader import load_reward_fn
-
         fn = load_reward_fn(config["reward_fn"])
         fn_kwargs = config["fn_kwargs"]
         if config["memory_limit_mb"] is not None:
@@ -57,8 +58,6 @@ def score_one(
     fn: Callable[..., Any], response: str, ground_truth: str, extra: dict[str, Any], fn_kwargs: dict[str, Any]
 ) -> ResultFields:
     """Run the reward fn on one sample; every exception (SystemExit included) becomes an "error" result."""
-    from reward.result import STATUS_ERROR, RewardResult, as_reward_result
-
     try:
         result = as_reward_result(fn(response, ground_truth, extra, **fn_kwargs))
     except (Exception, SystemExit) as e:

@@ -30,7 +30,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "RolloutGroup":
-        from rollout.group import RolloutGroup
+        from rollout.group import RolloutGroup  # heavy: Ray, only when a group is asked for
 
         return RolloutGroup
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")

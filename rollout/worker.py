@@ -32,11 +32,11 @@ def make_engine(kind: EngineKind, model_path: str | os.PathLike, **engine_kwargs
             logger.warning("vLLM is not installed: rollouts use the (slow) transformers engine")
             kind = "hf"
     if kind == "vllm":
-        from rollout.engine import VLLMEngine
+        from rollout.engine import VLLMEngine  # heavy and optional: vLLM
 
         return VLLMEngine(model_path, **engine_kwargs)
     if kind == "hf":
-        from rollout.hf_engine import HFEngine
+        from rollout.hf_engine import HFEngine  # heavy: transformers
 
         return HFEngine(model_path, **engine_kwargs)
     raise ValueError(f"unknown engine {kind!r}; choose vllm, hf or auto")

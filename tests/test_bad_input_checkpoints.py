@@ -31,7 +31,7 @@ from learner.distributed import free_port, init_distributed
 from learner.group import LearnerRankError
 from learner.worker import LearnerWorker
 from orchestration.checkpoint import STATE_FILE, CheckpointError, CheckpointManager, TrainerState, storage_error
-from orchestration.steps import StageError, recover_learner
+from orchestration.steps import PhaseError, recover_learner
 from rollout.tiny import build_tiny_model
 
 ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
@@ -392,10 +392,10 @@ class NeverReplace:
 def test_the_training_loop_stops_at_a_checkpoint_the_disk_cannot_take():
     cause = CheckpointError("checkpoint step_3: could not write ...")
     try:
-        raise StageError("step 2: stage 'checkpoint' failed", stage="checkpoint", step=2) from cause
-    except StageError as err:
+        raise PhaseError("step 2: phase 'checkpoint' failed", phase="checkpoint", step=2) from cause
+    except PhaseError as err:
         failed = err
-    with pytest.raises(StageError) as caught:
+    with pytest.raises(PhaseError) as caught:
         recover_learner(NeverReplace(), failed, logger=None, wandb_run_id=None)
     assert caught.value is failed
 

@@ -57,7 +57,7 @@ def test_a_learner_step_failing_past_the_budget_ends_the_run_naming_worker_step_
     faults.learner_failed(3, "update", "learner rank 1", error)
     faults.learner_failed(4, "update", "learner rank 1", error)  # another step: its own budget
     faults.learner_failed(3, "update", "learner rank 1", error)
-    with pytest.raises(RestartBudgetError, match=r"(?s)learner rank 1 failed at step 3 in stage 'update' \(3 fail.*"
+    with pytest.raises(RestartBudgetError, match=r"(?s)learner rank 1 failed at step 3 in phase 'update' \(3 fail.*"
                        r"trainer\.max_restarts=2.*Last error:\nlearner rank 1 died in update"):  # fmt: skip
         faults.learner_failed(3, "update", "learner rank 1", error)
 

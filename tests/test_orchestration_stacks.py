@@ -1,4 +1,4 @@
-"""A stage that misses its deadline fails naming the stage and showing the stuck actor's stack."""
+"""A phase that misses its deadline fails naming the phase and showing the stuck actor's stack."""
 
 import time
 
@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from orchestration.run import ray_runtime_env
-from orchestration.steps import StageError, stage
+from orchestration.steps import PhaseError, phase
 
 
 @pytest.mark.ray
@@ -30,11 +30,11 @@ def test_stuck_stage_reports_actor_stack(tmp_path):
         ref = actor.nap_in_project_code.remote(60)
         timings: dict[str, float] = {}
         start = time.monotonic()
-        with pytest.raises(StageError) as info:
-            with stage("rollout", 7, timings, str(stack_dir)):
+        with pytest.raises(PhaseError) as info:
+            with phase("rollout", 7, timings, str(stack_dir)):
                 ray.get(ref, timeout=3)
         message = str(info.value)
-        assert "step 7: stage 'rollout' failed" in message and "GetTimeoutError" in message
+        assert "step 7: phase 'rollout' failed" in message and "GetTimeoutError" in message
         assert "nap_in_project_code" in message and "test_orchestration_stacks.py" in message
         assert time.monotonic() - start < 20  # bounded: the deadline plus the dump
         ray.kill(actor)
@@ -44,9 +44,9 @@ def test_stuck_stage_reports_actor_stack(tmp_path):
 
 def test_successful_stage_records_time_and_plain_failure_has_no_stacks(tmp_path):
     timings: dict[str, float] = {}
-    with stage("update", 0, timings, str(tmp_path)):
+    with phase("update", 0, timings, str(tmp_path)):
         pass
     assert timings["timing_s/update"] >= 0
-    with pytest.raises(StageError, match=r"step 3: stage 'update' failed after .* ValueError: boom$"):
-        with stage("update", 3, timings, str(tmp_path)):
+    with pytest.raises(PhaseError, match=r"step 3: phase 'update' failed after .* ValueError: boom$"):
+        with phase("update", 3, timings, str(tmp_path)):
             raise ValueError("boom")

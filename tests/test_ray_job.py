@@ -1,4 +1,4 @@
-"""The cluster path, as the README gives it: its `ray job submit` block is exactly tools/job.sh's
+"""The cluster path, as docs/cluster.md gives it: its `ray job submit` block is exactly tools/job.sh's
 commands (what `make job` runs), and that block, run verbatim with bash on a fresh home folder (no
 ~/.ray/auth_token, no Ray or project variables exported, the venv not on PATH), starts a head with token auth,
 submits a 2-step training run through the real `ray job submit --working-dir .`, reports SUCCEEDED with the
@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = "# --- the README's commands ---\n"
+MARKER = "# --- docs/cluster.md's commands ---\n"
 
 
 def readme_block() -> str:
-    """The bash block that follows the job.sh marker comment in the README."""
-    text = (ROOT / "README.md").read_text()
+    """The bash block that follows the job.sh marker comment in docs/cluster.md."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
     match = re.search(r"<!-- job\.sh:[^\n]*-->\n```bash\n(.*?)```", text, re.S)
-    assert match, "the README's cluster section lost its job.sh block"
+    assert match, "docs/cluster.md lost its job.sh block"
     return match.group(1)
 
 
 def test_readme_block_is_what_make_job_runs():
-    script = (ROOT / "orchestration" / "job.sh").read_text()
+    script = (ROOT / "tools" / "job.sh").read_text()
     assert MARKER in script
     assert readme_block() == script.split(MARKER, 1)[1]
     assert "bash tools/job.sh" in (ROOT / "Makefile").read_text()

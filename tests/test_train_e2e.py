@@ -209,7 +209,7 @@ def test_a_worker_killed_on_every_attempt_ends_the_run_with_a_bounded_error(tmp_
     assert proc.wait(timeout=600) != 0
     log = (tmp_path / "doomed.log").read_text()
     assert re.search(
-        r"(?s)StageError: step 0: stage 'rollout' failed .*rollout worker 0 died during generate: The actor died"
+        r"(?s)PhaseError: step 0: phase 'rollout' failed .*rollout worker 0 died during generate: The actor died"
         r".*\(1 restart\(s\) in this call, max_restarts=1\)",
         log,
     ), log[-4000:]

@@ -36,8 +36,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestration.data.tasks import HABITS as TASK_HABITS
 from orchestration.metrics import RUN_INFO_FILE
-from tools.plot import eval_series, read_metrics, series
+from tools.plot import eval_series, last_eval_row, read_metrics, series
 
 # Held-out metrics: the run's last evaluation.
 FINAL_EVAL = {
@@ -62,18 +63,15 @@ BEFORE_RL = {
 # The built-in tasks' habits (orchestration/data/tasks.py; free_chain: at_once | partial | stepwise): held-out values of
 # the last evaluation, the training batches' long-habit share over the last steps, and the first step from which
 # the training batches' long-habit share (trailing mean over --smooth steps) stays >= 1/2 (None: never).
-HABITS = {
-    "eval/initial_habit/stepwise_frac": "stepwise share before RL",
-    "eval/habit/at_once_frac": "at-once share",
-    "eval/habit/partial_frac": "partial share",
-    "eval/habit/stepwise_frac": "stepwise share",
-    "eval/habit/at_once_accuracy": "at-once accuracy",
-    "eval/habit/partial_accuracy": "partial accuracy",
-    "eval/habit/stepwise_accuracy": "stepwise accuracy",
-    "rollout/habit/stepwise_frac": "train stepwise share",
-    "long_habit_step": "step stepwise dominates",
-}
-LONG_HABIT = "rollout/habit/stepwise_frac"
+LONG = TASK_HABITS[-1]  # stepwise: the built-in tasks' habits run shortest first
+WRITTEN_OUT = TASK_HABITS[1:]  # at_once, partial, stepwise (direct, which writes no work out, is not shown)
+HABITS = (
+    {f"eval/initial_habit/{LONG}_frac": f"{LONG} share before RL"}
+    | {f"eval/habit/{habit}_frac": f"{habit.replace('_', '-')} share" for habit in WRITTEN_OUT}
+    | {f"eval/habit/{habit}_accuracy": f"{habit.replace('_', '-')} accuracy" for habit in WRITTEN_OUT}
+    | {f"rollout/habit/{LONG}_frac": f"train {LONG} share", "long_habit_step": f"step {LONG} dominates"}
+)
+LONG_HABIT = f"rollout/habit/{LONG}_frac"
 _HABITS_TITLE = (
     "Habits (orchestration/data/tasks.py): held-out shares and accuracies at the last evaluation; the training batches'"
     " stepwise share over the last steps; the first step from which it stays >= 50% (smoothed; runs that never"
@@ -194,7 +192,7 @@ def load_run(
     except KeyError as err:
         raise KeyError(f"{run_dir}: the run's config has no key {err}") from None
     rows = read_metrics(run_dir)
-    last_eval = next((row for row in reversed(rows) if row.get("eval/avg_at_k") is not None), {})
+    last_eval = last_eval_row(rows)
     final = {key: last_eval.get(key) for key in FINAL_EVAL}
     tail = rows[-last_steps:]
     for key in (*FINAL_TRAIN, LONG_HABIT):

@@ -13,7 +13,8 @@ For a few traces (sampled from π_old, the policy that generates the batch in FI
                                                                    with the participation mask)
     f_t = clip(exp F_t)                                          (§3.4: advantage.influence_weights)
 
-exactly as advantage.fipo_policy_loss computes them inside the learner (the same functions are called here).
+exactly as advantage.fipo_policy_loss computes them inside the learner (the same function,
+advantage.losses.future_kl_weights, is called here).
 The safety rule (f clamped to [0.8, 1] where Â < 0 and the ratio exceeds safety_threshold) needs the group
 advantage, which a single trace does not have; it is reported as `safety_if_negative` per token instead.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import math
 import random
 import re
 import warnings
@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-from advantage import FIPOLossConfig, discounted_future_sum, influence_weights
-from advantage.losses import LOG_RATIO_CLAMP
+from advantage import FIPOLossConfig
+from advantage.losses import LOG_RATIO_CLAMP, future_kl_weights
+from orchestration.checkpoint import CheckpointManager
+from orchestration.data.prompts import load_datasets
 from rollout.types import chat_prompt_ids
 
 
@@ -81,12 +83,11 @@ def credit(
     old_log_probs: torch.Tensor, new_log_probs: torch.Tensor, response_mask: torch.Tensor, config: FIPOLossConfig
 ) -> dict[str, torch.Tensor]:
     """Δ, participation, F and f for log-probs [B, T] float32 (response_mask [B, T] bool, True on real tokens),
-    with the same calls and masks as advantage.fipo_policy_loss (before its advantage-dependent safety rule)."""
+    from the function advantage.fipo_policy_loss calls (advantage.losses.future_kl_weights: before its
+    advantage-dependent safety rule)."""
     mask = response_mask.bool()
     delta = (new_log_probs - old_log_probs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    participates = mask & (delta <= math.log(config.clip_c))
-    future_kl = discounted_future_sum(delta, config.gamma, participates)
-    weights = influence_weights(future_kl, config)
+    participates, future_kl, weights = future_kl_weights(delta, mask, config)
     return {
         "delta": delta,
         "participates": participates,
@@ -126,7 +127,7 @@ def compute_traces(
     """Credit of each (messages, response or None to sample one from π_old, ground truth or None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reward.math import score_math
+    from reward.math import score_math  # heavy: math_verify, only with ground truths
 
     tokenizer = AutoTokenizer.from_pretrained(old_dir)
     old = AutoModelForCausalLM.from_pretrained(old_dir, dtype=torch.float32).eval()
@@ -306,7 +307,6 @@ def render_png(traces: Sequence[Trace], config: FIPOLossConfig, path: str | Path
 
 def last_two_checkpoints(run_dir: str | Path) -> tuple[Path, Path]:
     """The hf/ exports of a run's two newest complete checkpoints (older, newer)."""
-    from orchestration.checkpoint import CheckpointManager
 
     done = [p / "hf" for p in CheckpointManager(run_dir).complete() if (p / "hf" / "config.json").is_file()]
     if len(done) < 2:
@@ -335,7 +335,6 @@ def load_prompts(args: argparse.Namespace) -> list[tuple[list[dict], str | None,
             )
             for r in rows[: args.num_traces]
         ]
-    from orchestration.data.prompts import load_datasets
 
     data = args.data or [str(Path(args.run_dir) / "data" / "synthetic_val.jsonl")]
     rows = load_datasets(data)

@@ -14,9 +14,9 @@ The default task and schedule (conf/config.yaml, conf/model/tiny.yaml, conf/data
 arithmetic with 3-4 operations ("Compute left to right: 7 +3 -2 *3 -9", orchestration/data/tasks.py); a 1200-step
 warm-start (~6 min, cached) whose targets are the worked chain for half of the problems and the bare answer
 line for the other half (model.warm_start_shortcut_frac), so the model starts with two habits; 60 RL steps of
-16 prompts × 8 samples (≈ 3.4 s each on 2 cores). On this task reasoning first pays, and RL learns it: the
+16 prompts × 8 samples (~1.8-2.0 s each on 2 cores). On this task reasoning first pays, and RL learns it: the
 share of answer-first responses falls, responses grow longer and held-out accuracy rises (measured numbers,
-FIPO against DAPO over three seeds, in the README). summary.json carries, besides accuracy, the initial and
+FIPO against DAPO over three seeds, in docs/demo.md). summary.json carries, besides accuracy, the initial and
 final answer-first share and the accuracy of each habit.
 
 "Initial" is the model after the warm-start and before RL (the trainer's evaluation before step 0), "final"
@@ -34,9 +34,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
 from orchestration.cluster.env import use_local_defaults
+from orchestration.config.schema import register_configs, to_object
 from orchestration.errors import clean_exit
 from orchestration.evaluation import EVAL_METRIC_KEYS
+from tools.plot import last_eval_row, read_metrics
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -44,10 +48,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def compose_config(overrides: Sequence[str]):
     """The validated TrainConf of conf/config.yaml with `overrides`, plus the demo's output_dir and a fresh
     start unless the overrides set them."""
-    from hydra import compose, initialize_config_dir
-
-    from orchestration.config.schema import register_configs, to_object
-
     register_configs()
     overrides = list(overrides)
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
@@ -64,17 +64,12 @@ def compose_config(overrides: Sequence[str]):
     return to_object(cfg)
 
 
-def read_rows(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def accuracy_summary(rows: Sequence[dict]) -> dict[str, float | None]:
     """Initial (before RL) and final (after the last step) held-out avg@k / cons@k / pass@k, response length,
     and the share and accuracy of answer-first responses (no reasoning before the answer) from metrics rows."""
     out: dict[str, float | None] = {}
     first = rows[0] if rows else {}
-    last_eval = next((row for row in reversed(rows) if row.get("eval/avg_at_k") is not None), {})
+    last_eval = last_eval_row(rows)
     names = {"accuracy": "avg_at_k"} | {key: key for key in EVAL_METRIC_KEYS if key != "avg_at_k"}
     for name, key in names.items():
         out[f"initial_{name}"] = first.get(f"eval/initial_{key}")
@@ -86,6 +81,7 @@ def accuracy_summary(rows: Sequence[dict]) -> dict[str, float | None]:
 def run_demo(overrides: Sequence[str]) -> dict:
     """Train, then summarise, plot and draw the token credit; returns the summary."""
     use_local_defaults()  # the embedded default needs no network: offline hub and wandb, in-process vLLM
+    # imported once the offline environment is set: the hub client, wandb and vLLM read it when imported
     from orchestration.train import train
     from tools.credit import main as credit_main
     from tools.plot import plot_runs
@@ -98,7 +94,7 @@ def run_demo(overrides: Sequence[str]) -> dict:
     start = time.monotonic()
     train(cfg)
     wall = time.monotonic() - start
-    rows = read_rows(out)
+    rows = read_metrics(out)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary |= {

@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         apply_env(cluster_env("local_cpu"))
     from transformers import AutoTokenizer
 
+    # after the CPU engine's environment is set (apply_env above): vLLM reads it when imported
     from reward.pool import ScorerPool
     from rollout.worker import RolloutWorker
 

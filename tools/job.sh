@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make job`: the cluster path on one machine, with the commands of the README's "On a Ray cluster" section
-# (tests/test_ray_job.py checks that the README shows exactly the lines below the marker, and runs them). It
+# `make job`: the cluster path on one machine, with the commands of docs/cluster.md's "On a Ray cluster" section
+# (tests/test_ray_job.py checks that docs/cluster.md shows exactly the lines below the marker, and runs them). It
 # starts a Ray head (token auth on, ports of its own, this project's environment), submits a short training run
 # with the real `ray job submit --working-dir .`, streams its logs to the end, reports SUCCEEDED or FAILED with
 # the run's output folder, and stops the head it started, and only that one.
@@ -8,7 +8,7 @@
 #   JOB_OUT   the run's output folder (default: outputs/job)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# --- the README's commands ---
+# --- docs/cluster.md's commands ---
 export PATH="$PWD/.venv/bin:$PATH"          # a job runs with the head's `python`: start the head from the venv
 export RAY_AUTH_MODE=token                  # token auth on the head and on every client ...
 ray get-auth-token --generate > /dev/null   # ... with the token in ~/.ray/auth_token (created if missing)

@@ -270,7 +270,7 @@ def demo(root: Path, overrides: list[str]) -> int:
         rc = subprocess.run([RAY_CLI, *command], env=cluster.env(), cwd=ROOT).returncode
     info = out / "run_info.json"
     if info.is_file():
-        from orchestration.cluster.layout import describe
+        from orchestration.cluster.layout import describe  # heavy: Ray (the other commands only run its CLI)
 
         names = {n.node_id: "head" if n.index == 0 else f"worker node {n.index}" for n in cluster.nodes}
         text = describe(json.loads(info.read_text())["layout"])

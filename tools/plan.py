@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 
+import hydra
+from omegaconf import DictConfig
+
 from orchestration.cluster.fit import plan
+from orchestration.config.schema import register_configs, to_object
 from orchestration.errors import clean_exit
 
 
 def _main() -> None:
-    import hydra
-    from omegaconf import DictConfig
-
-    from orchestration.config.schema import register_configs, to_object
-
     register_configs()
 
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -26,6 +26,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def last_eval_row(rows: Sequence[dict]) -> dict:
+    """The last of metrics.jsonl's `rows` that holds an evaluation (eval/avg_at_k); {} when none does."""
+    return next((row for row in reversed(rows) if row.get("eval/avg_at_k") is not None), {})
+
+
 def run_label(run_dir: str | Path) -> str:
     """The algorithm from the run's summary.json, else the directory name."""
     summary = Path(run_dir) / "summary.json"

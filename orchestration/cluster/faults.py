@@ -1,6 +1,6 @@
 """Lost workers: what the trainer counts and prints when it replaces one, and the fault-injection switch.
 
-Who recovers what (README "Reliability"): a lost rollout engine is restarted by its group and only its shard
+Who recovers what (docs/reliability.md): a lost rollout engine is restarted by its group and only its shard
 regenerated (rollout/group.py); a lost reward actor is replaced and only its shard re-scored (reward/group.py);
 a failed learner group is rebuilt and the run replayed from its newest restore point (`recover_learner` in
 orchestration/steps.py); a lost advantage actor is replaced and its call submitted again
@@ -158,14 +158,14 @@ class Faults:
             f"continuing {seconds:.1f} s after the loss (restart {self.restarts[kind]} of this run)"
         )
 
-    def learner_failed(self, step: int, stage: str, worker: str, error: BaseException) -> None:
-        """Count a failure of the learner group at `step` in `stage`; RestartBudgetError (with the last error)
+    def learner_failed(self, step: int, phase: str, worker: str, error: BaseException) -> None:
+        """Count a failure of the learner group at `step` in `phase`; RestartBudgetError (with the last error)
         when that step has failed more than max_restarts times."""
         self._learner_failures[step] += 1
         failures = self._learner_failures[step]
         if failures > self.max_restarts:
             raise RestartBudgetError(
-                f"{worker} failed at step {step} in stage '{stage}' ({failures} failure(s) of this step; "
+                f"{worker} failed at step {step} in phase '{phase}' ({failures} failure(s) of this step; "
                 f"trainer.max_restarts={self.max_restarts} restarts allowed). Last error:\n{error}"
             ) from error
 

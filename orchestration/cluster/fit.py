@@ -24,7 +24,7 @@ without a GPU:
   micro-batch's positions; world size: the sharded state shrinks as 1 / ranks).
 
 On a GPU cluster the same check runs at start-up before any actor is created (`check_fit`; `cluster.check_fit`
-false skips it). Validation: README "Will it fit?".
+false skips it). Validation: docs/fit.md.
 """
 
 from __future__ import annotations

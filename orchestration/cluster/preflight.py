@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestration.cluster.cpus import resolve_cpus
 from orchestration.config.errors import ConfigError
 from orchestration.config.schema import TrainConf
 
@@ -32,7 +33,7 @@ def model_params(cfg: TrainConf) -> tuple[int, int] | None:
     not a local directory (a hub id: its size is not known before it is downloaded)."""
     m = cfg.model
     if m.path is None:  # the tiny model, from its config: embeddings and LM head + attention and MLP per layer
-        from rollout.tiny import VOCAB_SIZE
+        from rollout.tiny import VOCAB_SIZE  # heavy: torch and transformers
 
         h, kv = m.tiny_hidden_size, m.tiny_hidden_size * m.tiny_kv_heads // m.tiny_heads
         return 2 * VOCAB_SIZE * h + m.tiny_layers * (2 * h * h + 2 * h * kv + 3 * h * m.tiny_intermediate_size), 4
@@ -118,8 +119,6 @@ def preflight(cfg: TrainConf) -> None:
     files, tokenizer, chat template, vocabulary, architecture), or a tiny model whose head size the engines
     cannot serve."""
     if cfg.cluster.rollout_cpus is not None and cfg.cluster.address is None:  # the workers run here
-        from orchestration.cluster.cpus import resolve_cpus
-
         try:
             resolve_cpus(cfg.cluster.rollout_cpus, "cluster.rollout_cpus")
         except ValueError as err:
@@ -169,7 +168,7 @@ def engine_head_sizes(cfg: TrainConf) -> tuple[int, ...] | None:
         return None
     if r.engine == "auto" and importlib.util.find_spec("vllm") is None:
         return None
-    from rollout.engine import CPU_SUPPORTED_HEAD_SIZES
+    from rollout.engine import CPU_SUPPORTED_HEAD_SIZES  # heavy: torch
 
     return CPU_SUPPORTED_HEAD_SIZES
 
@@ -198,7 +197,7 @@ def check_model_dir(path: str | Path, key: str = "model.path", *, head_sizes: Se
     from transformers import AutoConfig, AutoTokenizer  # heavy: imported only when a model directory is checked
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from rollout.types import chat_prompt_ids
+    from rollout.types import chat_prompt_ids  # heavy: torch
 
     folder = Path(path).expanduser()
     where = f"{key}: {path}"
@@ -348,7 +347,7 @@ def check_shared(path: str, key: str, nodes: dict[str, list[str]], *, write: boo
     the driver (a hub id: each node downloads it)."""
     import ray
 
-    from actors import on_node
+    from actors import on_node  # heavy: Ray
 
     here = ray.get_runtime_context().get_node_id()
     others = {node: held for node, held in nodes.items() if node != here}

@@ -1,8 +1,8 @@
-"""Stack dumps of Ray workers, so that a stage that hangs fails with the stuck actor's stack.
+"""Stack dumps of Ray workers, so that a phase that hangs fails with the stuck actor's stack.
 
 Every Ray worker of a run runs `install` at start (Ray's `worker_process_setup_hook`, set in
 orchestration.run.init_ray): it registers a faulthandler that, on SIGUSR2, writes all of that process's
-thread stacks to `<stack_dir>/<pid>.txt`. When a stage exceeds its deadline, the driver signals every
+thread stacks to `<stack_dir>/<pid>.txt`. When a phase exceeds its deadline, the driver signals every
 registered worker on this node and collects the new dumps (`collect`). Workers on other nodes of a cluster
 write their dumps to the same path on their own node.
 """
@@ -18,7 +18,17 @@ from pathlib import Path
 STACK_DIR_ENV = "FIPO_STACK_DIR"
 DUMP_SIGNAL = signal.SIGUSR2
 # Path fragments of our own code: a dump is shown when one of its threads runs inside them.
-PROJECT_PATHS = ("/rollout/", "/learner/", "/reward/", "/advantage/", "/orchestration/", "/tests/", "/bench/")
+PROJECT_PATHS = (
+    "/actors/",
+    "/rollout/",
+    "/learner/",
+    "/reward/",
+    "/advantage/",
+    "/orchestration/",
+    "/tools/",
+    "/tests/",
+    "/bench/",
+)
 _open_files: list = []  # faulthandler needs its file to stay open for the life of the process
 
 

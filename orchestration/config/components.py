@@ -121,3 +121,24 @@ def check_config(cfg: TrainConf) -> DerivedSizes:
         except (ValueError, TypeError, KeyError) as err:
             raise ConfigError(f"{keys}: {err}") from err
     return sizes
+
+
+def engine_kwargs(cfg: TrainConf) -> dict[str, Any]:
+    """The rollout engines' keyword arguments (rollout.*): dtype, context (data.max_prompt_tokens +
+    rollout.max_response_tokens), seed, and for vLLM the tensor parallelism and GPU memory share."""
+    r = cfg.rollout
+    kwargs: dict[str, Any] = {
+        "dtype": r.dtype,
+        "max_model_len": cfg.data.max_prompt_tokens + r.max_response_tokens,
+        "seed": cfg.seed,
+    }
+    if r.engine != "hf":
+        kwargs["tensor_parallel_size"] = r.tensor_parallel_size
+        if r.num_gpus_per_worker > 0:
+            kwargs["engine_kwargs"] = {"gpu_memory_utilization": r.gpu_memory_utilization}
+        if r.tensor_parallel_size > 1:  # vLLM's own processes on the engine's GPUs; inside a placement group it
+            # would otherwise start Ray workers of its own, which the engine's bundle has no GPUs left for
+            kwargs.setdefault("engine_kwargs", {})["distributed_executor_backend"] = "mp"
+    elif r.dtype == "auto":
+        kwargs["dtype"] = "float32"
+    return kwargs

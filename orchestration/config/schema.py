@@ -108,7 +108,7 @@ class AlgorithmConf:
 
     def __post_init__(self) -> None:
         from advantage import ADVANTAGE_ESTIMATORS, POLICY_LOSSES  # heavy: torch (the schema loads without it)
-        from advantage.losses import LOSS_AGG_MODES
+        from advantage.losses import LOSS_AGG_MODES  # heavy: torch
 
         _one_of(self.policy_loss, POLICY_LOSSES.names(), "algorithm.policy_loss")
         _one_of(self.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "algorithm.advantage_estimator")
@@ -288,7 +288,7 @@ class RolloutConf:
     num_gpus_per_worker: float = 0.0
     """Ray GPUs per rollout actor (= tensor_parallel_size on a GPU cluster)."""
     timeout_s: float = 1800.0
-    """Deadline of one generate / weight-update call, seconds; past it the run fails naming the stage."""
+    """Deadline of one generate / weight-update call, seconds; past it the run fails naming the phase."""
 
     def __post_init__(self) -> None:
         _one_of(self.engine, ("vllm", "hf", "auto"), "rollout.engine")
@@ -427,7 +427,8 @@ class TrainerConf:
     that worker (rollout | learner | reward | advantage, from 0) at that step (from 0) right after the phase's
     calls are submitted (the advantage actor: just before), once (or on every attempt with :always). Phases:
     rollout generate | update_weights; learner compute_log_probs | update | weight_buckets | save_checkpoint |
-    export_hf; reward score; advantage compute (orchestration/cluster/faults.py). Empty = none."""
+    export_hf; reward score; advantage compute (the grammar: orchestration/config/faults.py; what a fault does:
+    orchestration/cluster/faults.py). Empty = none. Parsed once into `fault_specs` (FaultSpec) when validated."""
     hold_at_step: int | None = None
     """For tests and drills: before this step (from 0) the driver waits until trainer.hold_file exists, having
     written <hold_file>.reached, so that an outside action (`ray job stop`, a node loss) lands at a known step
@@ -450,11 +451,10 @@ class TrainerConf:
             "max_restarts",
         ):
             _non_negative(getattr(self, key), f"trainer.{key}")
-        for spec in self.fault_inject:
-            try:
-                FaultSpec.parse(spec)
-            except ValueError as err:
-                raise ConfigError(f"trainer.fault_inject: {err}") from None
+        try:  # parsed once, here: validate() and the run read fault_specs
+            self.fault_specs = [FaultSpec.parse(spec) for spec in self.fault_inject]
+        except ValueError as err:
+            raise ConfigError(f"trainer.fault_inject: {err}") from None
         _positive(self.eval_samples, "trainer.eval_samples")
         _check(0 < self.eval_top_p <= 1, "trainer.eval_top_p", f"must be in (0, 1], got {self.eval_top_p}")
         _one_of(self.resume, ("auto", "none"), "trainer.resume")
@@ -587,8 +587,7 @@ def validate(cfg: TrainConf) -> None:
         "reward": cfg.reward.num_workers,
         "advantage": 1,
     }
-    for text in cfg.trainer.fault_inject:
-        spec = FaultSpec.parse(text)
+    for text, spec in zip(cfg.trainer.fault_inject, cfg.trainer.fault_specs):
         _check(
             spec.index < workers[spec.kind] and spec.step < cfg.trainer.total_steps,
             "trainer.fault_inject",
