@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
+from actors.console import without_progress_bars
 from learner.attention import PACKED_ATTENTION, PackedSequences, register_packed_attention
 from learner.batching import MicroBatchInputs
 from learner.logprobs import head_log_probs
@@ -124,7 +125,8 @@ def load_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
 
     source = None
     if dist.get_rank() == 0:  # in the checkpoint's dtype: each tensor becomes float32 as it is copied into a shard
-        source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir))
+        with without_progress_bars():
+            source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=checkpoint_dtype(model_dir))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, source.state_dict() if source is not None else {}, options=options)
     with torch.no_grad():

@@ -41,6 +41,7 @@ import os
 import pathlib
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -266,6 +267,53 @@ class SkippedSetNumThreadsFilter(logging.Filter):
         return not str(record.msg).startswith(SKIPPED_SET_NUM_THREADS)
 
 
+PRELOAD_NOTICE = "%s is not found in LD_PRELOAD. "
+PRELOAD_LIBRARIES = ("libtcmalloc", "libiomp")
+
+
+class PreloadNoticeFilter(logging.Filter):
+    """Drops vLLM's CPU warnings "libtcmalloc is not found in LD_PRELOAD. For best performance, ..." and the
+    same for libiomp (vllm/v1/worker/cpu_worker.py, `init_device`), one each per engine start. They suggest
+    preloading an allocator and Intel's OpenMP for speed; the engine runs correctly without them (every test
+    and demo here does), and vLLM checks LD_PRELOAD itself, so whoever preloads them for the engine's processes
+    gets no notice anyway. Other messages of that logger pass, among them the one about speculative decoding
+    without libiomp."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith(PRELOAD_NOTICE) and bool(record.args) and record.args[0] in PRELOAD_LIBRARIES
+        )
+
+
+TRITON_LOGGER = "torch._library.triton"
+TRITON_MISSING = "Triton not available, find_triton_kernels = []"
+
+
+class TritonMissingFilter(logging.Filter):
+    """Drops torch's warning "Triton not available, find_triton_kernels = []" (torch/_library/triton.py). vLLM
+    declares a Triton op at import (vllm/kernels/triton/activation.py) and torch, looking for its kernels,
+    warns once per process where Triton is not installed, as on the CPU build (ENVIRONMENT.md: vLLM falls back
+    cleanly). Other messages of that logger pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != TRITON_MISSING
+
+
+REDUCE_OP_DEPRECATED = r"`torch\.distributed\.reduce_op` is deprecated"
+REDUCE_OP_READER = r"vllm\.triton_utils\.dispatcher$"
+
+
+def quiet_vllm_notices() -> None:
+    """Turn off, in this process, the start-up notices of a vLLM engine that tell the user nothing to act on:
+    the LD_PRELOAD and Triton notices (the filters above), and torch's FutureWarning "`torch.distributed.
+    reduce_op` is deprecated" where vLLM's kernel dispatcher raises it: its scan of every module's attributes
+    (vllm/triton_utils/dispatcher.py `_rebind_kernels`) touches torch's deprecated object; vLLM does not use
+    it. That warning still shows for any other module that reads `reduce_op`. Idempotent."""
+    add_filter_once(CPU_WORKER_LOGGER, PreloadNoticeFilter, PreloadNoticeFilter)
+    add_filter_once(TRITON_LOGGER, TritonMissingFilter, TritonMissingFilter)
+    warnings.filterwarnings("ignore", message=REDUCE_OP_DEPRECATED, category=FutureWarning, module=REDUCE_OP_READER)
+
+
 NUMA_MEMBIND_NOTICE = b"NUMA binding: Using MEMBIND policy"
 
 
@@ -343,19 +391,42 @@ def _worker_finish_weight_update(worker) -> None:
 
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's `malloc_trim(0)`: hands the free pages of the heap back to the system (returns 1 if it did); None
-    where the C library is not glibc.
-
-    Why the CPU engine calls it after every generate: glibc keeps the memory vLLM's CPU build frees between rounds
-    in its heap (a prompt batch of new lengths allocates new sizes), so an engine's resident memory grew 16-17%
-    over 120 steps of the demo; trimmed, it holds (bench/RESULTS.md, "Soak"). A malloc threshold
-    (`MALLOC_MMAP_THRESHOLD_`) holds it too but slows every process it reaches (the demo's step 2.1 → 3.2 s).
-    """
+    where the C library is not glibc."""
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS), bytes."""
+    return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class HeapTrimmer:
+    """Returns the heap's free pages to the system once this process has grown `slack_bytes` past its size just
+    after the previous trim (the first call trims).
+
+    Why the CPU engine calls it after every generate: glibc keeps the memory vLLM's CPU build frees between rounds
+    in its heap (each round's batch has new lengths, so new sizes are allocated), and an engine's resident memory
+    grew 16-17% over 120 steps of the demo (bench/RESULTS.md, "Soak"). Trimming after every generate held it but
+    cost ~5% of the engine's time (a trim walks the whole heap); trimming only past the slack bounds the growth
+    at the slack for a trim every few dozen steps. A malloc threshold (`MALLOC_MMAP_THRESHOLD_`) holds it too but
+    slows every process it reaches (the demo's step 2.1 → 3.2 s).
+    """
+
+    def __init__(self, trim: Callable[[], int], slack_bytes: int = 96 * 2**20) -> None:
+        self.trim, self.slack_bytes = trim, slack_bytes
+        self.after_last_trim: int | None = None
+        self.trims = 0
+
+    def __call__(self) -> None:
+        if self.after_last_trim is None or resident_bytes() > self.after_last_trim + self.slack_bytes:
+            self.trim()
+            self.trims += 1
+            self.after_last_trim = resident_bytes()
 
 
 class VLLMEngine:
@@ -385,6 +456,8 @@ class VLLMEngine:
         engine_kwargs: dict | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
+
+        quiet_vllm_notices()  # before vLLM loads its kernels: the Triton notice comes then, once per process
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -414,6 +487,8 @@ class VLLMEngine:
             context = max_model_len or text_config.max_position_embeddings
             engine_kwargs["enable_chunked_prefill"] = False
             engine_kwargs.setdefault("max_num_batched_tokens", max(context, 8192))
+        # no "Loading safetensors checkpoint shards" bar: in a Ray actor's output it is an empty line and two bars
+        engine_kwargs.setdefault("use_tqdm_on_load", False)
         quiet = contextlib.nullcontext()
         if on_cpu:  # vLLM's CPU start-up notices, which need nothing from the user (see the two filters)
             add_filter_once(CPU_WORKER_LOGGER, SkippedSetNumThreadsFilter, SkippedSetNumThreadsFilter)
@@ -434,7 +509,8 @@ class VLLMEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
         self._update_active = False
-        self._trim_heap = malloc_trim() if on_cpu else None  # see malloc_trim
+        trim = malloc_trim() if on_cpu else None
+        self._trim_heap = HeapTrimmer(trim) if trim is not None else None  # see HeapTrimmer
 
     def _sampling_params(self, sampling: SamplingConfig, prompt_index: int):
         from vllm import SamplingParams

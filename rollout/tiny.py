@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from actors.console import without_progress_bars
+
 PAD_TOKEN = "<|endoftext|>"
 BOS_CHAT_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -156,7 +158,8 @@ def build_tiny_model(
     model.generation_config = GenerationConfig(
         bos_token_id=IM_START_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
     )
-    model.save_pretrained(output_dir, safe_serialization=True)
+    with without_progress_bars():
+        model.save_pretrained(output_dir, safe_serialization=True)
     _build_tokenizer(output_dir)
     args_path.write_text(json.dumps(build_args, indent=1))
     return output_dir

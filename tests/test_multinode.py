@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_console import CONSOLE_NOISE, RAY_PREFIX_ONLY
 from test_train_e2e import SMALL, metrics
 
 from orchestration.checkpoint import STATE_FILE
@@ -101,6 +102,8 @@ def test_the_layout_asked_for_is_where_the_actors_ran(cluster, reference):
     assert all(e["gpu_ids"] == [] and e["pid"] > 0 for e in every)
     log = Path(f"{reference}.log").read_text()
     assert "layout (cluster.layout=separate) over" in log and f"node {next(iter(learner))[:12]}" in log
+    assert [noise for noise in CONSOLE_NOISE if noise in log] == [], "the console a reader sees (tests/test_console.py)"
+    assert RAY_PREFIX_ONLY.findall(log) == [], "empty lines of a Ray worker (a progress bar's)"
 
 
 def test_lost_nodes_mid_generation_update_and_weight_push_change_nothing(cluster, reference, tiny_dir, tmp_path):

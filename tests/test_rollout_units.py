@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout.engine import iter_buckets, malloc_trim
+from rollout.engine import HeapTrimmer, iter_buckets, malloc_trim
 from rollout.group import shard_prompts
 from rollout.types import Sample, SamplingConfig, samples_to_batch
 
@@ -105,3 +105,17 @@ def test_malloc_trim_returns_the_freed_heap_to_the_system():
     released = before - _rss_bytes()
     libc.free(blocks[-1])
     assert released > 192 * 2**20, f"malloc_trim released {released / 2**20:.0f} MiB of 256"
+
+
+def test_heap_trimmer_trims_first_then_only_past_its_slack():
+    """The engine's trimmer: a trim on the first call, none while the process stays within the slack of its size
+    after that trim, one once it has grown past it (64 MiB touched against a 32 MiB slack)."""
+    calls = []
+    trimmer = HeapTrimmer(lambda: calls.append(1) or 1, slack_bytes=32 * 2**20)
+    trimmer()
+    trimmer()
+    assert len(calls) == 1
+    grown = bytes(64 * 2**20) + b"x"  # a new 64 MiB object, every page written
+    trimmer()
+    assert len(calls) == 2 and trimmer.trims == 2
+    del grown
