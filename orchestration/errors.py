@@ -3,7 +3,7 @@
 A bad config value, a bad dataset row, resources the cluster cannot place, a worker that keeps failing, a disk
 that fills while saving: each is raised as an error whose message names the key, file, row, node or path
 (ConfigError, DataError, PlacementError, RestartBudgetError, CheckpointError). The entry points (`python -m
-orchestration.train`, `tools.demo`, `orchestration.evaluation`, `orchestration.cluster.fit`) run inside
+orchestration.train`, `tools.demo`, `tools.evaluate`, `tools.plan`) run inside
 `clean_exit()`, which prints such an error as `error: <message>` on stderr and exits with status 1; it is also
 found as the cause of a failed step (PhaseError). Anything else is a bug and keeps its traceback. Nothing
 computed is lost on the way out: the training loop's own `finally` has closed the metrics log and the actors

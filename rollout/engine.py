@@ -412,9 +412,9 @@ class HeapTrimmer:
     Why the CPU engine calls it after every generate: glibc keeps the memory vLLM's CPU build frees between rounds
     in its heap (each round's batch has new lengths, so new sizes are allocated), and an engine's resident memory
     grew 16-17% over 120 steps of the demo (bench/RESULTS.md, "Soak"). Trimming after every generate held it but
-    cost ~5% of the engine's time (a trim walks the whole heap); trimming only past the slack bounds the growth
-    at the slack for a trim every few dozen steps. A malloc threshold (`MALLOC_MMAP_THRESHOLD_`) holds it too but
-    slows every process it reaches (the demo's step 2.1 → 3.2 s).
+    made the engine's time per step ~10% longer (a trim walks the whole heap); trimming only past the slack
+    bounds the growth at the slack, at no cost measurable in `bench.pipeline`. A malloc threshold
+    (`MALLOC_MMAP_THRESHOLD_`) holds it too but slows every process it reaches (the demo's step 2.1 → 3.2 s).
     """
 
     def __init__(self, trim: Callable[[], int], slack_bytes: int = 96 * 2**20) -> None:

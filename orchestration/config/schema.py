@@ -1,7 +1,7 @@
 """The trainer's configuration schema: Hydra structured configs, one docstring per key with its unit.
 
 Naming: `*Conf` classes are Hydra nodes (what a user sets on the command line, e.g. `algorithm.group_size=8`);
-builders in orchestration/run.py turn them into the components' own frozen configs. Defaults here are
+orchestration/config/components.py turns them into the components' own frozen configs. Defaults here are
 the official FIPO 32B recipe (FIPO_SPEC §5.1) where one exists; `conf/` YAML files only override values, and
 struct mode rejects unknown keys (a typo is an error, never a silently ignored `+key=`).
 Validation of single values happens in `__post_init__`, which runs when `to_object` turns the composed
