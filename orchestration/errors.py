@@ -43,10 +43,16 @@ def user_message(err: BaseException, kinds: tuple[type[BaseException], ...] = US
     return None
 
 
+class MemberError(RuntimeError):
+    """A sweep member's user error, already printed: raised instead of exiting so that the sweep goes on."""
+
+
 @contextmanager
-def clean_exit() -> Iterator[None]:
+def clean_exit(*, sweep_member: bool = False) -> Iterator[None]:
     """Run an entry point: a user error (USER_ERRORS) ends the process with `error: <message>` and status 1,
-    without a traceback; any other exception propagates unchanged."""
+    without a traceback; any other exception propagates unchanged. In a member of a Hydra sweep
+    (`sweep_member`), the message is printed the same way but raised as a MemberError, which Hydra's sweeper
+    records before it runs the next member (an exit would end the whole sweep)."""
     try:
         yield
     except Exception as err:
@@ -54,4 +60,6 @@ def clean_exit() -> Iterator[None]:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr, flush=True)
+        if sweep_member:
+            raise MemberError(message) from None
         raise SystemExit(1) from None

@@ -175,7 +175,8 @@ register_resolver()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with clean_exit():  # a user's mistake: its message alone, no traceback
+    # a user's mistake: its message alone, no traceback; in a sweep, the next member still runs
+    with clean_exit(sweep_member=HydraConfig.get().mode == RunMode.MULTIRUN):
         train(to_object(sweep_member(cfg)))
 
 

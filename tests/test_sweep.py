@@ -111,3 +111,14 @@ def test_a_failing_member_does_not_lose_the_others(tmp_path):
     assert [row["step"] for row in rows] == [0, 1]
     assert (done / "checkpoints" / "step_2" / "trainer_state.json").is_file()
     assert not (tmp_path / "sweep" / "compare.md").exists(), "a sweep with a failed member is not compared"
+
+
+def test_a_member_with_a_bad_value_prints_its_error_alone_and_the_sweep_goes_on(tmp_path):
+    # both members fail their config check in seconds, before Ray: the second must still be launched and its
+    # error printed alone (it used to end the whole sweep through the first member's exit)
+    result = sweep(tmp_path, "learner.lr=-1,-2")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for lr in ("-1.0", "-2.0"):
+        assert f"error: learner.lr: must be > 0, got {lr}\n" in output, output[-4000:]
+    assert "#1 : learner.lr=-2" in output
