@@ -5,7 +5,8 @@ call whose bar, forwarded out of a Ray actor, would be an empty line and two bar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -21,3 +22,11 @@ def without_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def add_filter_once(logger_name: str, filter_type: type[logging.Filter], make: Callable[[], logging.Filter]) -> None:
+    """Add `make()` to the logger `logger_name` unless it already has a filter of `filter_type` (once per
+    process; `make` is only called when the filter is added)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, filter_type) for f in logger.filters):
+        logger.addFilter(make())

@@ -8,6 +8,8 @@ bucket refs exist before the buckets do, so they go to `RolloutGroup.update_weig
 fetch, load and release one bucket at a time while the learner gathers the next: gathering and loading
 overlap. The model is never held as one dictionary: at most the object store's one copy plus a bucket or two
 per process.
+Each engine loads the buckets through vLLM's RL weight-transfer API with our transport (rollout/weight_transfer.py)
+and reports vLLM's weight version after the push, which must equal `policy_version` (RolloutGroup checks it).
 
 GPU design (not run here: no GPU on the development machine). The object-store path works unchanged on GPUs
 (rank 0 copies each gathered bucket to host memory; the engines copy it back to the device), at roughly

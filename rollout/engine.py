@@ -16,19 +16,21 @@ With temperature=1, top_p=1, top_k=0 (the RL default) the two coincide.
 
 Weight updates (tested on vLLM's CPU build). The contract is
 `update_weights(named_tensors, policy_version)`: Hugging Face-named, full (unsharded) tensors, any number of
-them, in any order. It runs vLLM's layer-wise reload lifecycle, the same one vLLM's native weight-transfer
-engines use (`vllm.model_executor.model_loader.reload`):
-    begin_weight_update()            initialize_layerwise_reload(model): parameters go back to their
-                                     checkpoint layout; loaders buffer until a layer is complete
-    load_weight_bucket(bucket) × k   model.load_weights(bucket): a layer is processed and copied into the
-                                     live kernel tensors as soon as all its weights have arrived
-    finish_weight_update(version)    finalize_layerwise_reload(...): layers that got no weights keep their old
-                                     values; then the prefix cache is reset and the version bumped
+them, in any order. `VLLMEngine` drives it through vLLM's RL weight-transfer API (`LLM.start_weight_update`,
+`update_weights`, `finish_weight_update`) with our transport, `rollout/weight_transfer.py`, registered with
+vLLM's factory:
+    begin_weight_update()            LLM.start_weight_update(): the transport begins vLLM's layer-wise reload
+                                     (parameters back to their checkpoint layout; loaders buffer)
+    load_weight_bucket(bucket) × k   LLM.update_weights({"update_info": {"bucket": ...}}): model.load_weights;
+                                     a layer is copied into the live kernel tensors once all its weights arrived
+    finish_weight_update(version)    LLM.finish_weight_update(str(version)): layers that got no weights keep
+                                     their old values; the version becomes vLLM's weight version; then the
+                                     prefix cache is reset (vLLM's API does not) and our version bumped
 so a bucket may hold any subset of the tensors (even half of a fused qkv projection) and the update streams
-bucket by bucket without a second full copy of the model. Measured: calling `reload_weights` once per bucket
-does NOT work (each call finalizes the half-loaded fused layers: wrong weights); one `reload_weights` call
-with the whole iterator does, and so does the lifecycle above. `model.load_weights` outside that lifecycle
-fails on the CPU backend.
+bucket by bucket without a second full copy of the model. An update that fails part way is ended by our worker
+extension (vLLM 0.32 has no abort; without it the next generate fails on layers left on the meta device).
+Measured: calling `reload_weights` once per bucket does NOT work (each call finalizes the half-loaded fused
+layers: wrong weights); `model.load_weights` outside the reload lifecycle fails on the CPU backend.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from actors.console import add_filter_once
 from rollout.types import LogprobsMode, Prompt, Sample, SamplingConfig, chat_prompt_ids
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -87,6 +90,11 @@ class Engine(Protocol):
     def finish_weight_update(self, policy_version: int) -> None: ...
 
     def abort_weight_update(self) -> None: ...
+
+    def weight_version(self) -> str:
+        """The engine's own record of the version its weights are at (vLLM's weight version; the transformers
+        engine's policy version), which must equal the last finished update's policy version."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -201,42 +209,6 @@ def stream_weight_update(engine: Engine, named_tensors: NamedTensors, policy_ver
     engine.finish_weight_update(policy_version)
 
 
-RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-FAILED_TO_LOAD = "%s: Failed to load weights"
-
-
-def derived_buffer_layers(model: torch.nn.Module) -> frozenset[str]:
-    """Class names of the modules that hold no weights, only non-persistent buffers computed from the config
-    (e.g. RotaryEmbedding's cos_sin_cache); a class that has weights or persistent buffers anywhere is left out."""
-    derived, weighted = set(), set()
-    for module in model.modules():
-        params = [p for p in module._parameters.values() if p is not None]
-        buffers = {name for name, b in module._buffers.items() if b is not None}
-        if params or buffers - module._non_persistent_buffers_set:
-            weighted.add(type(module).__name__)
-        elif buffers:
-            derived.add(type(module).__name__)
-    return frozenset(derived - weighted)
-
-
-class DerivedBufferReloadFilter(logging.Filter):
-    """Drops vLLM's "<Layer>: Failed to load weights" warning for layers in `layer_names` only.
-
-    Why it is harmless: vLLM's layer-wise reload counts a layer's non-persistent buffers as loadable tensors. A
-    rotary embedding's only tensor is its cos/sin cache, computed from the config and never part of a
-    checkpoint, so no update can carry it: vLLM warns, then puts the layer's existing cache back (finalize's
-    fallback), which is exactly right. Measured: after every push the engine's log-probs equal a transformers
-    forward with the new weights (tests/test_rollout_vllm.py). Any other layer that misses its weights still
-    warns."""
-
-    def __init__(self, layer_names: frozenset[str]) -> None:
-        super().__init__()
-        self.layer_names = layer_names
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == FAILED_TO_LOAD and bool(record.args) and record.args[0] in self.layer_names)
-
-
 PREFIX_CACHE_LOGGER = "vllm.v1.core.block_pool"
 PREFIX_CACHE_RESET = "Successfully reset prefix cache"
 
@@ -346,49 +318,6 @@ def drop_stderr_lines(markers: Sequence[bytes]) -> Iterator[None]:
         forwarder.join(timeout=5)  # a child process holding the pipe keeps it open: it keeps forwarding
 
 
-def add_filter_once(logger_name: str, filter_type: type[logging.Filter], make: Callable[[], logging.Filter]) -> None:
-    """Add `make()` to the logger `logger_name` unless it already has a filter of `filter_type` (once per
-    process; `make` is only called when the filter is added)."""
-    logger = logging.getLogger(logger_name)
-    if not any(isinstance(f, filter_type) for f in logger.filters):
-        logger.addFilter(make())
-
-
-def install_reload_filter(model: torch.nn.Module) -> None:
-    """Add DerivedBufferReloadFilter for `model` to vLLM's reload logger (once per process)."""
-    add_filter_once(
-        RELOAD_LOGGER, DerivedBufferReloadFilter, lambda: DerivedBufferReloadFilter(derived_buffer_layers(model))
-    )
-
-
-# Functions run on vLLM's worker(s) through collective_rpc (module-level so they pickle by reference when
-# the engine runs its workers in other processes).
-def _worker_begin_weight_update(worker) -> None:
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-    model = worker.model_runner.get_model()
-    install_reload_filter(model)
-    with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(model)
-
-
-def _worker_load_weights(worker, bucket: list[tuple[str, torch.Tensor]]) -> None:
-    from vllm.config import set_current_vllm_config
-
-    with set_current_vllm_config(worker.vllm_config):
-        worker.model_runner.get_model().load_weights(bucket)
-
-
-def _worker_finish_weight_update(worker) -> None:
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(worker.model_runner.get_model(), worker.model_runner.model_config)
-        worker.model_runner.reset_lora_state()
-
-
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's `malloc_trim(0)`: hands the free pages of the heap back to the system (returns 1 if it did); None
     where the C library is not glibc."""
@@ -461,6 +390,8 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from rollout.weight_transfer import BACKEND, WORKER_EXTENSION  # heavy: vLLM
+
         self.model_path = resolve_model_path(model_path)
         if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
             raise ValueError(f"logprobs_mode must be raw_logprobs or processed_logprobs, got {logprobs_mode!r}")
@@ -480,6 +411,9 @@ class VLLMEngine:
         self.policy_version = 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         engine_kwargs = dict(engine_kwargs or {})
+        # weight updates through vLLM's RL weight-transfer API, with our transport (rollout/weight_transfer.py)
+        engine_kwargs.setdefault("weight_transfer_config", {"backend": BACKEND})
+        engine_kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
         if on_cpu and "enable_chunked_prefill" not in engine_kwargs:
             # vLLM 0.32 CPU bug: when a seeded request's prefill is split over steps, the model runner rewinds
             # its torch.Generator with set_offset, which CPU generators lack ("CPU Generator does not use
@@ -505,6 +439,7 @@ class VLLMEngine:
                 **engine_kwargs,
             )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.llm.init_weight_transfer_engine({"init_info": {"policy_version": 0}})  # the transport's handshake
         add_filter_once(PREFIX_CACHE_LOGGER, PrefixCacheResetFilter, PrefixCacheResetFilter)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = self.tokenizer.eos_token_id if pad is None else pad
@@ -565,25 +500,27 @@ class VLLMEngine:
             self._trim_heap()
         return samples
 
+    # A weight update goes through vLLM's RL weight-transfer lifecycle with our transport (rollout/weight_transfer.py):
+    # start, one update per bucket, finish with the policy version as vLLM's weight version.
     def begin_weight_update(self) -> None:
         if self._update_active:
             raise RuntimeError("begin_weight_update called twice without finish_weight_update")
-        self.llm.collective_rpc(_worker_begin_weight_update)
+        self.llm.start_weight_update()
         self._update_active = True
 
     def load_weight_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
         if not self._update_active:
             raise RuntimeError("load_weight_bucket called outside begin_weight_update / finish_weight_update")
         bucket = list(bucket)
-        self.llm.collective_rpc(_worker_load_weights, args=(bucket,))
+        self.llm.update_weights({"update_info": {"bucket": bucket}})
         return bucket_nbytes(bucket)
 
     def finish_weight_update(self, policy_version: int) -> None:
         if not self._update_active:
             raise RuntimeError("finish_weight_update called without begin_weight_update")
-        self.llm.collective_rpc(_worker_finish_weight_update)
+        self.llm.finish_weight_update(str(int(policy_version)))
         self._update_active = False
-        # Cached prefixes hold KV computed with the old weights: drop them.
+        # Cached prefixes hold KV computed with the old weights: drop them (vLLM's API does not).
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after the weight update")
         self.policy_version = int(policy_version)
@@ -592,12 +529,15 @@ class VLLMEngine:
         """End an update that failed part way: layers already complete keep their new values, the others
         their old ones (the model is then a mix: push a full update again). The version is not bumped."""
         if self._update_active:
-            self.llm.collective_rpc(_worker_finish_weight_update)
+            self.llm.collective_rpc("fipo_abort_weight_update")
             self._update_active = False
             self.llm.reset_prefix_cache()
 
     def update_weights(self, named_tensors: NamedTensors, policy_version: int) -> None:
         stream_weight_update(self, named_tensors, policy_version)
+
+    def weight_version(self) -> str:
+        return self.llm.get_weight_version()
 
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)

@@ -262,7 +262,8 @@ class RolloutGroup:
         """Every worker (or the workers `ranks`) streams the buckets (each ref holds `list[tuple[str, Tensor]]`,
         Hugging Face names, full tensors) into its engine, one at a time. A worker lost on the way is restarted
         and gets the same buckets again (they stay in the object store until the caller releases the refs).
-        Returns per targeted worker {"bytes", "seconds", "num_buckets"}."""
+        Returns per targeted worker {"bytes", "seconds", "num_buckets", "weight_version"}; every engine's
+        weight version (vLLM's, set by the update's finish) must be `policy_version`, or RuntimeError."""
         if len(bucket_refs) == 0:
             raise ValueError("update_weights: no weight buckets")
         ranks = range(self.num_workers) if ranks is None else ranks
@@ -271,6 +272,13 @@ class RolloutGroup:
             return self.workers[rank].update_weights_from_refs.remote([list(bucket_refs)], policy_version)
 
         stats = self._call("update_weights", submit, ranks, timeout_s or self.timeout_s)
+        stale = {
+            rank: stats[rank]["weight_version"]
+            for rank in ranks
+            if stats[rank]["weight_version"] != str(policy_version)
+        }
+        if stale:  # the engine's own record (vLLM's weight version) disagrees with what was pushed
+            raise RuntimeError(f"after the push of policy version {policy_version} the engines report {stale}")
         self.policy_version = policy_version
         return [stats[rank] for rank in ranks]
 

@@ -184,6 +184,9 @@ class HFEngine:
         self._update_active = False
         self.policy_version = int(policy_version)
 
+    def weight_version(self) -> str:
+        return str(self.policy_version)
+
     def abort_weight_update(self) -> None:
         self._update_active = False
 

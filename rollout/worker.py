@@ -75,7 +75,8 @@ class RolloutWorker:
         self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], policy_version: int
     ) -> dict:
         """Load buckets one at a time as the iterable yields them (only one is held at a time when the
-        iterable fetches lazily). Returns {"bytes", "seconds", "num_buckets"}."""
+        iterable fetches lazily). Returns {"bytes", "seconds", "num_buckets", "weight_version"} (the engine's
+        own record of its version after the update: vLLM's weight version)."""
         start = time.perf_counter()
         self.engine.begin_weight_update()
         nbytes = num_buckets = 0
@@ -88,7 +89,12 @@ class RolloutWorker:
             self.engine.abort_weight_update()
             raise
         self.engine.finish_weight_update(policy_version)
-        return {"bytes": nbytes, "seconds": time.perf_counter() - start, "num_buckets": num_buckets}
+        return {
+            "bytes": nbytes,
+            "seconds": time.perf_counter() - start,
+            "num_buckets": num_buckets,
+            "weight_version": self.engine.weight_version(),
+        }
 
     def shutdown(self) -> None:
         self.engine.shutdown()

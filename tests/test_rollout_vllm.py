@@ -132,7 +132,8 @@ def test_weight_update_changes_outputs_and_matches_new_weights(engine, model_dir
     the log-prob checks below are the proof that the warning was harmless."""
     import logging
 
-    from rollout.engine import FAILED_TO_LOAD, PREFIX_CACHE_LOGGER, PREFIX_CACHE_RESET, RELOAD_LOGGER
+    from rollout.engine import PREFIX_CACHE_LOGGER, PREFIX_CACHE_RESET
+    from rollout.weight_transfer import FAILED_TO_LOAD, RELOAD_LOGGER
 
     records = []
     capture = logging.Handler(logging.WARNING)
@@ -154,6 +155,7 @@ def test_weight_update_changes_outputs_and_matches_new_weights(engine, model_dir
     for name, tensor in reversed(list(new_state.items())):
         engine.load_weight_bucket([(name, tensor)])
     engine.finish_weight_update(policy_version=1)
+    assert engine.llm.get_weight_version() == "1"  # the policy version is vLLM's weight version too
     after = engine.generate(PROMPTS, sampling)
     assert all(s.policy_version == 1 for s in after)
     assert [s.response_ids for s in after] != [s.response_ids for s in before]
@@ -162,6 +164,7 @@ def test_weight_update_changes_outputs_and_matches_new_weights(engine, model_dir
     # The one-call contract, a second time (also: the prefix cache must not serve stale KV of these prompts).
     newer_state = perturbed_state_dict(model_dir, seed=2)
     engine.update_weights(newer_state.items(), policy_version=2)
+    assert engine.llm.get_weight_version() == "2"
     newer = engine.generate(PROMPTS, sampling)
     assert all(s.policy_version == 2 for s in newer)
     check_sample_log_probs(load_reference_model(model_dir, newer_state), newer)
@@ -180,6 +183,27 @@ def test_weight_update_changes_outputs_and_matches_new_weights(engine, model_dir
 
 
 @pytest.mark.slow
+def test_an_update_that_fails_part_way_is_aborted_and_the_next_one_loads(engine, model_dir):
+    """After test_weight_update_...: a push whose last bucket names a weight the model does not have fails in
+    vLLM's update call; the update is aborted (vLLM 0.32 has no abort: our worker extension finishes the
+    layer-wise reload), neither version moves, and the next full push loads every weight (log-probs equal a
+    transformers forward with them)."""
+    before = (engine.policy_version, engine.llm.get_weight_version())
+    new_state = perturbed_state_dict(model_dir, seed=3)
+    broken = [*new_state.items(), ("model.layers.0.self_attn.no_such_proj.weight", torch.zeros(4, 4))]
+    with pytest.raises(Exception, match="no_such_proj"):
+        engine.update_weights(broken, policy_version=3)
+    assert (engine.policy_version, engine.llm.get_weight_version()) == before
+    # the engine still generates (on a mix of old and new layers) until the push is redone
+    mixed = engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=24, seed=12))
+    assert len(mixed) == 2 * len(PROMPTS) and all(torch.isfinite(s.log_probs).all() for s in mixed)
+    engine.update_weights(new_state.items(), policy_version=3)
+    assert (engine.policy_version, engine.llm.get_weight_version()) == (3, "3")
+    samples = engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=24, seed=12))
+    assert all(s.policy_version == 3 for s in samples)
+    check_sample_log_probs(load_reference_model(model_dir, new_state), samples)
+
+
 def test_processed_logprobs_mode_reports_the_sampling_distribution(model_dir, reference):
     """vLLM's "processed_logprobs" = log_softmax(logits / T) (no top-k/top-p here), unlike the default raw mode."""
     from rollout.engine import VLLMEngine
