@@ -1,7 +1,5 @@
 """Small pure pieces of the rollout package: padding into a RolloutBatch, weight buckets, prompt sharding."""
 
-import ctypes
-import os
 import subprocess
 import sys
 import textwrap
@@ -83,27 +81,36 @@ def test_drop_stderr_lines_filters_the_file_descriptor_and_keeps_the_rest_in_ord
     assert proc.stderr.decode() == "first\nsecond\nunterminated\nafter\n"
 
 
-def _rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+MALLOC_TRIM_CHILD = """
+import ctypes, os, pathlib
+from rollout.engine import malloc_trim
+
+def rss():
+    return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(4096) for _ in range(65536)]
+for block in blocks:  # touch every page: resident
+    ctypes.memset(block, 1, 4096)
+for block in blocks[:-1]:
+    libc.free(block)
+before = rss()
+malloc_trim()()
+print(before - rss())
+"""
 
 
 @pytest.mark.skipif(malloc_trim() is None, reason="the C library is not glibc")
 def test_malloc_trim_returns_the_freed_heap_to_the_system():
-    """What the CPU engine calls after every generate: blocks freed in the middle of glibc's heap stay resident
-    until trimmed. 256 MiB of 4 KiB blocks (below the mmap threshold: heap, not mmap), all freed but the last, which
-    pins the heap's top so that free() cannot shrink it; the trim must return most of the 256 MiB."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    blocks = [libc.malloc(4096) for _ in range(65536)]
-    for block in blocks:  # touch every page: resident
-        ctypes.memset(block, 1, 4096)
-    for block in blocks[:-1]:
-        libc.free(block)
-    before = _rss_bytes()
-    malloc_trim()()
-    released = before - _rss_bytes()
-    libc.free(blocks[-1])
+    """What the CPU engine calls once it has grown: blocks freed in the middle of glibc's heap stay resident until
+    trimmed. 256 MiB of 4 KiB blocks (below the mmap threshold: heap, not mmap), all freed but the last, which pins
+    the heap's top so that free() cannot shrink it; the trim must return most of the 256 MiB. In a child process:
+    the freed 256 MiB would stay in this process's heap and serve later tests' large allocations."""
+    child = subprocess.run([sys.executable, "-c", MALLOC_TRIM_CHILD], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    released = int(child.stdout.split()[-1])
     assert released > 192 * 2**20, f"malloc_trim released {released / 2**20:.0f} MiB of 256"
 
 

@@ -1,6 +1,7 @@
 """bench/soak.py's measurements and goals, without a run: the summary of hand-made samples, /proc readings of this
 process, file counts."""
 
+import mmap
 import os
 
 import psutil
@@ -72,12 +73,14 @@ def test_rss_by_mapping_adds_up_to_rss_and_sees_a_big_buffer_once_touched():
 
     assert abs(total() - psutil.Process().memory_info().rss) < 0.05 * psutil.Process().memory_info().rss
     before, big_before = total(), rss_by_mapping(os.getpid())["big"]
-    buffer = bytearray(96 * MB)  # calloc'ed by mmap: resident only once written
+    # a new anonymous mapping (mmap itself: a malloc of this size may be served from free heap left by earlier
+    # tests in this process), resident only once written
+    buffer = mmap.mmap(-1, 96 * MB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buffer[::4096] = b"\1" * len(range(0, len(buffer), 4096))
     assert 90 * MB <= total() - before <= 110 * MB
     # the kernel may merge the new mapping with an adjacent anonymous one: "big" grows by at least the buffer
     assert rss_by_mapping(os.getpid())["big"] - big_before >= 90 * MB
-    del buffer
+    buffer.close()
 
 
 def test_count_files_leaves_out_the_skipped_tree(tmp_path):
