@@ -97,6 +97,8 @@ class LearnerWorker:
         self.optimizer_steps = 0
         """Optimizer steps taken so far; the learning-rate schedule is a function of it."""
         self._warned_single_mini_batch = False
+        self.weight_transfer = None
+        """The trainer side of the last weight-transfer handshake (learner/transfer.py), or None."""
 
     # ------------------------------------------------------------------------------------------------------
     # forward
@@ -335,22 +337,83 @@ class LearnerWorker:
             if self.rank == 0:
                 yield bucket
 
-    def _gather_bucket(
-        self, group: list[tuple[str, torch.Tensor]], dtype: torch.dtype
-    ) -> list[tuple[str, torch.Tensor]]:
+    def init_weight_transfer(
+        self, backend: str, *, client, bucket_bytes: int, master_address: str, world_size: int, timeout_s: float
+    ) -> None:
+        """The handshake of a weight transport through vLLM's API (learner/transfer.py: "gloo" or "nccl"), on
+        every rank at once; replaces the previous one. `client` drives the engines (rank 0 uses it);
+        `world_size` = 1 + every engine worker."""
+        from learner.transfer import start_transfer  # heavy: vLLM, only in runs that push weights this way
+
+        self.close_weight_transfer()
+        self.weight_transfer = start_transfer(
+            self,
+            backend,
+            client=client,
+            bucket_bytes=bucket_bytes,
+            master_address=master_address,
+            world_size=world_size,
+            timeout_s=timeout_s,
+        )
+
+    def send_weights(self, policy_version: int) -> dict:
+        """Push the current weights through the transport of the last handshake (every rank at once; rank 0
+        sends, the engines' weight version becomes `policy_version`). Returns {"seconds", "bytes", "num_buckets",
+        "error"}:
+        `error` (rank 0) is why the engines did not take the weights (an engine lost, a timeout), None when
+        they did; the learner's own ranks finish their gathers either way and stay usable."""
+        from learner.transfer import EngineSideError  # heavy: vLLM
+
+        if self.weight_transfer is None:
+            raise RuntimeError("send_weights before init_weight_transfer")
+        start, error = time.perf_counter(), None
+        if self.weight_transfer.is_sender:
+            self.weight_transfer.client.weight_version = str(int(policy_version))
+        try:
+            self.weight_transfer.send_weights()
+        except EngineSideError as err:
+            error = str(err)
+        nbytes = sum(torch.Size(m.shape).numel() * m.dtype.itemsize for m in self.weight_transfer.source.metadata())
+        num_buckets = len(self.weight_transfer.source.plan)
+        return {"seconds": time.perf_counter() - start, "bytes": nbytes, "num_buckets": num_buckets, "error": error}
+
+    def close_weight_transfer(self) -> None:
+        """Close the transport of the last handshake (its process group), if any."""
+        if self.weight_transfer is not None:
+            transfer, self.weight_transfer = self.weight_transfer, None
+            transfer.shutdown()
+
+    def gather_packed_bucket(self, names: list[str]) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor | None]:
+        """Like gather_weight_bucket, but rank 0's full tensors are views of one uint8 tensor, returned second
+        (None on the other ranks), which a transport sends as it is: the tensors back to back in `names` order.
+        On this rank's device."""
+        state = self.model.state_dict()
+        return self._gather_bucket([(name, state[name]) for name in names], self._export_dtype(), packed=True)
+
+    def _gather_bucket(self, group: list[tuple[str, torch.Tensor]], dtype: torch.dtype, packed: bool = False):
         """Full CPU tensors of `group` on rank 0 ([] elsewhere). FSDP2 shards a parameter along dim 0 in
         torch.chunk layout (rank r holds rows [r·c, (r+1)·c), c = ceil(rows / world_size)), so rank 0 receives
         each rank's rows straight into the full tensor (one batch of point-to-point transfers per bucket, no
-        intermediate buffers). Any other tensor (a buffer, another placement) goes through `full_tensor`."""
+        intermediate buffers). Any other tensor (a buffer, another placement) goes through `full_tensor`.
+        `packed`: see gather_packed_bucket (the full tensors are carved out of one buffer, left on the device)."""
         ws = self.world_size
         full: dict[int, torch.Tensor] = {}
+        buffer = None
+        if packed and self.rank == 0:
+            sizes = [t.numel() * dtype.itemsize for _, t in group]
+            buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            for i, (_, tensor) in enumerate(group):
+                full[i] = buffer[starts[i] : starts[i] + sizes[i]].view(dtype).view(tensor.shape)
         sharded = []
         for i, (_, tensor) in enumerate(group):
             if isinstance(tensor, DTensor) and tensor.dim() > 0 and tuple(tensor.placements) == (Shard(0),):
                 sharded.append(i)
             else:  # collectives first, so that they never interleave with the point-to-point batch
                 gathered = _full(tensor)
-                if self.rank == 0:
+                if self.rank == 0 and packed:
+                    full[i].copy_(gathered.detach())
+                elif self.rank == 0:
                     full[i] = gathered.detach().to("cpu", dtype)
         ops = []
         for i in sharded:
@@ -359,7 +422,7 @@ class LearnerWorker:
             rows = tensor.shape[0]
             chunk_rows = -(-rows // ws)
             if self.rank == 0:
-                out = torch.empty(tensor.shape, dtype=dtype, device=local.device)
+                out = full[i] if packed else torch.empty(tensor.shape, dtype=dtype, device=local.device)
                 out[: local.shape[0]].copy_(local)
                 for src in range(1, ws):
                     start, stop = src * chunk_rows, min(rows, (src + 1) * chunk_rows)
@@ -371,6 +434,8 @@ class LearnerWorker:
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
+        if packed:
+            return [(name, full[i]) for i, (name, _) in enumerate(group)] if self.rank == 0 else [], buffer
         if self.rank != 0:
             return []
         return [(name, full[i].cpu()) for i, (name, _) in enumerate(group)]

@@ -38,7 +38,7 @@ from orchestration.data.prompts import (
 )
 from orchestration.inputs import drop_long_rows, load_prompt_rows, prepare_model
 from orchestration.sampling import OverlongShaping, RoundSizer
-from orchestration.weight_sync import push_weights
+from orchestration.weight_sync import BroadcastPush, push_weights
 from reward.group import RewardService
 from rollout.group import RolloutGroup
 from rollout.types import SamplingConfig
@@ -105,6 +105,8 @@ class Run:
     """Adaptive generation rounds (algorithm.adaptive_gen_rounds); None: every round draws gen_batch_prompts."""
     pipeline: Any = None
     """The loop's RolloutPipeline (orchestration/pipeline.py), set by orchestration.train."""
+    broadcast: BroadcastPush | None = None
+    """The push of a transport the learner drives (rollout.weight_transfer gloo | nccl), with its handshake."""
     pushed_weights: list = field(default_factory=list)
     """With trainer.max_staleness 1: the object refs of the last pushed weight buckets (see recover_weights)."""
     layout: Layout | None = None
@@ -119,9 +121,14 @@ class Run:
         return sampling_config(self.cfg, seed, evaluation=evaluation)
 
     def push_weights(self, policy_version: int, ranks: list[int] | None = None) -> dict:
-        """The learner's weights into every rollout engine (or the engines `ranks`), as `policy_version`. With
-        trainer.max_staleness 1 the weights stay in the object store until the next push (`recover_weights`)."""
+        """The learner's weights into every rollout engine (or the engines `ranks`), as `policy_version`, by
+        rollout.weight_transfer. With trainer.max_staleness 1 (object_store only) the weights stay in the object
+        store until the next push (`recover_weights`)."""
         bucket_bytes = int(self.cfg.learner.weight_bucket_mb * 2**20)
+        if self.cfg.rollout.weight_transfer != "object_store":
+            if self.broadcast is None or self.broadcast.bucket_bytes != bucket_bytes:
+                self.broadcast = BroadcastPush(self.cfg.rollout.weight_transfer, bucket_bytes)
+            return self.broadcast(self.learner, self.rollout, policy_version, ranks=ranks)
         keep = self.pushed_weights if self.cfg.trainer.max_staleness else None
         return push_weights(
             self.learner, self.rollout, policy_version, bucket_bytes=bucket_bytes, ranks=ranks, keep=keep

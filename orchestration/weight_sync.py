@@ -1,28 +1,24 @@
 """Weight sync: the learner's fresh weights into every rollout engine, once per step (policy version + 1).
 
-Transport on CPU (and the default everywhere): the Ray object store. The learner cuts the weights into
-buckets of about `bucket_bytes`; for each bucket every rank sends its FSDP2 shards to rank 0 (one batch of
-point-to-point transfers, received straight into the full tensors) and rank 0's task returns the bucket as
-`list[tuple[str, Tensor]]` (Hugging Face names, full tensors), which Ray stores in the object store. The
-bucket refs exist before the buckets do, so they go to `RolloutGroup.update_weights` at once and its workers
-fetch, load and release one bucket at a time while the learner gathers the next: gathering and loading
-overlap. The model is never held as one dictionary: at most the object store's one copy plus a bucket or two
-per process.
-Each engine loads the buckets through vLLM's RL weight-transfer API with our transport (rollout/weight_transfer.py)
-and reports vLLM's weight version after the push, which must equal `policy_version` (RolloutGroup checks it).
+Every transport goes through vLLM's RL weight-transfer API on the engines (`init_weight_transfer_engine` once,
+then per push `start_weight_update`, the updates, `finish_weight_update(policy_version)`: vLLM's weight version
+becomes the policy version, which the push checks). rollout.weight_transfer picks how the bytes travel:
 
-GPU design (not run here: no GPU on the development machine). The object-store path works unchanged on GPUs
-(rank 0 copies each gathered bucket to host memory; the engines copy it back to the device), at roughly
-host-memory bandwidth, which is fine for models of a few billion parameters. Beyond that the transfer should
-stay on the GPUs: vLLM 0.32's native weight-transfer API (`vllm/config/weight_transfer.py`,
-`vllm/distributed/weight_transfer/`; worker methods `init_weight_transfer_engine` / `start_weight_update`)
-with its `nccl` backend sets up one NCCL group spanning learner rank 0 and every engine's workers; rank 0
-then broadcasts each gathered bucket from GPU memory while the engines run the same layer-wise reload that
-`update_weights` runs here. Only the transport changes: the bucket iterator
-(`LearnerWorker.iter_weight_buckets`) and the engine-side reload stay the same, so `push_weights` would take
-a transport argument. Untested: whether vLLM 0.32's nccl backend accepts a trainer group whose rank 0 lives
-in a Ray actor that is also in the learner's own FSDP process group (two NCCL communicators in one process
-is normal, but the rendezvous must not collide with MASTER_PORT).
+* object_store (`push_weights`, the default): the learner cuts the weights into buckets of about
+  `bucket_bytes`; for each bucket every rank sends its FSDP2 shards to rank 0 (one batch of point-to-point
+  transfers, received straight into the full tensors) and rank 0's task returns the bucket as
+  `list[tuple[str, Tensor]]` (Hugging Face names, full tensors), which Ray stores in the object store. The
+  bucket refs exist before the buckets do, so they go to `RolloutGroup.update_weights` at once and its workers
+  fetch, load and release one bucket at a time while the learner gathers the next. The engines' transport
+  (rollout/weight_transfer.py) takes the bucket in-process. The refs can be kept (`keep`), so that an engine
+  restarted while the learner has moved on (trainer.max_staleness 1) gets the same weights again.
+* gloo (`BroadcastPush`): the trainer side of vLLM's API on the learner's ranks (learner/transfer.py): the
+  ranks gather each bucket straight into one packed tensor on rank 0, which broadcasts it over a gloo group to
+  every engine while it drives the engines through `rollout.group.EngineClient`. Nothing is kept.
+* nccl (`BroadcastPush`, GPU clusters): the same trainer-side code with vLLM's own NCCL trainer engine, from the
+  GPU; not run by this project (docs/weight_sync.md says what was and was not run).
+
+The model is never held as one dictionary: at most a bucket or two per process (plus the object store's copy).
 """
 
 from __future__ import annotations
@@ -75,3 +71,66 @@ def push_weights(
         "weight_sync/num_buckets": len(buckets.refs),
         "weight_sync/policy_version": policy_version,
     }
+
+
+class BroadcastPush:
+    """Pushes through a transport the learner drives (learner/transfer.py: `backend` "gloo" here, "nccl" on
+    GPUs): learner rank 0 gathers each bucket from the FSDP2 shards and broadcasts it to the engines while it
+    drives them through vLLM's API (start, the update, finish with the policy version).
+
+    The handshake (vLLM's `init_weight_transfer_engine` on the engines, the group opened on rank 0) runs before
+    the first push and again whenever the parties changed: a restarted engine, a rebuilt learner, a different
+    set of target engines, or a failed push. A push that fails because engines were lost restarts them
+    (`rollout.max_restarts`), repeats the handshake and sends again; any other failure raises.
+    """
+
+    def __init__(self, backend: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self.backend = backend
+        self.bucket_bytes = bucket_bytes
+        self.parties: tuple | None = None
+        """Who the current handshake joined (the learner's and the engines' actors), None when there is none."""
+        self.handshakes = 0
+
+    def _handshake(self, learner_group, rollout_group, ranks: list[int]) -> None:
+        client = rollout_group.transfer_client(ranks)
+        workers_per_engine = rollout_group.workers_per_engine
+        learner_group.call(
+            "init_weight_transfer",
+            self.backend,
+            client=client,
+            bucket_bytes=self.bucket_bytes,
+            master_address=learner_group.locations[0]["ip"],
+            world_size=1 + len(ranks) * workers_per_engine,
+            timeout_s=rollout_group.timeout_s,
+        )
+        self.handshakes += 1
+
+    def __call__(self, learner_group, rollout_group, policy_version: int, *, ranks: list[int] | None = None) -> dict:
+        """Like `push_weights` (same arguments and report, plus "weight_sync/handshakes")."""
+        ranks = list(range(rollout_group.num_workers)) if ranks is None else list(ranks)
+        start = time.perf_counter()
+        for _ in range(rollout_group.max_restarts + 1):
+            parties = (tuple(learner_group.actors), tuple(rollout_group.workers[r] for r in ranks))
+            if parties != self.parties:
+                self.parties = None
+                self._handshake(learner_group, rollout_group, ranks)
+                self.parties = parties
+            rollout_group.transfer_client(ranks, announce=True)  # the push begins (fault drills)
+            sent = learner_group.call_rank0("send_weights", policy_version)
+            if sent["error"] is None:
+                break
+            self.parties = None
+            if not rollout_group.replace_lost_workers(ranks, sent["error"]):
+                raise RuntimeError(f"weight push of policy version {policy_version} failed: {sent['error']}")
+        else:
+            raise RuntimeError(f"weight push of policy version {policy_version} failed: {sent['error']}")
+        rollout_group.policy_version = policy_version
+        seconds = time.perf_counter() - start
+        return {
+            "weight_sync/bytes": sent["bytes"],
+            "weight_sync/seconds": seconds,
+            "weight_sync/gb_per_s": sent["bytes"] / seconds / 1e9,
+            "weight_sync/num_buckets": sent["num_buckets"],
+            "weight_sync/policy_version": policy_version,
+            "weight_sync/handshakes": self.handshakes,
+        }

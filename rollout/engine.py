@@ -536,6 +536,19 @@ class VLLMEngine:
     def update_weights(self, named_tensors: NamedTensors, policy_version: int) -> None:
         stream_weight_update(self, named_tensors, policy_version)
 
+    # A push driven from the learner's side (learner/transfer.py): the handshake, then per push begin,
+    # receive_weights (the bytes arrive over the transport the handshake opened), finish.
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """vLLM's `init_weight_transfer_engine` with `init_info` (e.g. the gloo group's address, port, world
+        size); replaces the previous handshake."""
+        self.llm.init_weight_transfer_engine({"init_info": {"policy_version": self.policy_version, **init_info}})
+
+    def receive_weights(self, update_info: dict) -> None:
+        """vLLM's `update_weights` with `update_info` (e.g. the layout of the buckets about to be broadcast)."""
+        if not self._update_active:
+            raise RuntimeError("receive_weights called outside begin_weight_update / finish_weight_update")
+        self.llm.update_weights({"update_info": update_info})
+
     def weight_version(self) -> str:
         return self.llm.get_weight_version()
 

@@ -21,6 +21,7 @@ missed the deadline) is handled in one of two ways:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,6 +60,46 @@ class _RayRolloutWorker(RolloutWorker):
         refs instead of resolving them all at once. Each bucket is fetched, loaded and released in turn."""
         (bucket_refs,) = nested_bucket_refs
         return self.update_weights_from_buckets((ray.get(ref) for ref in bucket_refs), policy_version)
+
+
+class EngineClient:
+    """vLLM's `VLLMWeightSyncClient` over our rollout workers: what learner rank 0 drives the engines with
+    during a push through vLLM's API (learner/transfer.py). Picklable (it holds actor handles), so the driver
+    hands it to the learner. Every call goes to every engine and waits for all with a deadline (vLLM's own Ray
+    client waits forever); an engine that died or failed raises here, in the learner, which reports it."""
+
+    def __init__(self, workers: Sequence[Any], timeout_s: float, workers_per_engine: int = 1) -> None:
+        self.workers = list(workers)
+        self.timeout_s = timeout_s
+        self.workers_per_engine = workers_per_engine
+        self.weight_version: str | None = None
+        """The version `finish_weight_update()` sets when called without one (vLLM's NCCL sender does that)."""
+
+    def _all(self, method: str, *args: Any) -> list:
+        return ray.get([getattr(worker, method).remote(*args) for worker in self.workers], timeout=self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """The handshake; a transport's group ranks (`rank_offset`) are counted over the engines in order (each
+        engine is its own vLLM instance, with its workers ranked from its offset)."""
+        offset = init_info.get("rank_offset")
+        infos = [
+            init_info if offset is None else init_info | {"rank_offset": offset + i * self.workers_per_engine}
+            for i in range(len(self.workers))
+        ]
+        refs = [worker.init_weight_transfer.remote(info) for worker, info in zip(self.workers, infos)]
+        ray.get(refs, timeout=self.timeout_s)
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: dict | list[dict]) -> None:
+        self._all("receive_weights", update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        version = weight_version if weight_version is not None else self.weight_version
+        reported = self._all("finish_weight_update", int(version))
+        if any(v != str(int(version)) for v in reported):  # the engines' own record disagrees with the push
+            raise RuntimeError(f"after the push of policy version {version} the engines report {reported}")
 
 
 def shard_prompts(num_prompts: int, num_workers: int) -> list[tuple[int, int]]:
@@ -158,6 +199,8 @@ class RolloutGroup:
             self.shutdown()
             raise
         self.worker_info = [infos[rank] for rank in range(num_workers)]
+        self.workers_per_engine = int((engine_kwargs or {}).get("tensor_parallel_size", 1))
+        """vLLM workers per engine (its tensor-parallel size): each is one rank of a broadcast transport."""
         self.pad_token_id = self.worker_info[0]["pad_token_id"]
         self.max_model_len = self.worker_info[0]["max_model_len"]
 
@@ -281,6 +324,42 @@ class RolloutGroup:
             raise RuntimeError(f"after the push of policy version {policy_version} the engines report {stale}")
         self.policy_version = policy_version
         return [stats[rank] for rank in ranks]
+
+    # A push driven from the learner's side (orchestration/weight_sync.py, BroadcastPush)
+    def transfer_client(self, ranks: Sequence[int], *, announce: bool = False) -> EngineClient:
+        """The client learner rank 0 drives the engines `ranks` with (call deadline: `timeout_s`); `announce`
+        reports a push to `on_submit` as an "update_weights" (fault drills)."""
+        if self._broken:
+            raise RuntimeError(f"RolloutGroup is unusable after an earlier failure: {self._broken}")
+        if announce and self.on_submit is not None:
+            self.on_submit(
+                "update_weights", {r: (self.worker_info[r]["pid"], self.worker_info[r]["node_id"]) for r in ranks}
+            )
+        return EngineClient([self.workers[r] for r in ranks], self.timeout_s, self.workers_per_engine)
+
+    def replace_lost_workers(self, ranks: Sequence[int], cause: str) -> list[int]:
+        """After a failed push: restart the workers among `ranks` whose actor died (`cause` says why the push
+        failed) and end the update on the others (their layers complete so far keep the new values: push
+        again). Returns the restarted ranks; RuntimeError when that exceeds `max_restarts` in one call."""
+        lost_at = time.monotonic()
+        lost, refs = [], {rank: self.workers[rank].abort_weight_update.remote() for rank in ranks}
+        for rank, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except RayTaskError as error:
+                raise RuntimeError(f"rollout worker {rank} could not end the failed update: {error}") from error
+            except RayError:
+                lost.append(rank)
+        if lost and (len(lost) > self.max_restarts or self.recover_weights is None):
+            self._broken = f"workers {lost} lost during a weight push"
+            raise RuntimeError(
+                f"rollout workers {lost} were lost during a weight push ({cause}); max_restarts={self.max_restarts}"
+            )
+        for rank in lost:
+            self.restart_worker(rank)
+            if self.on_restart is not None:
+                self.on_restart(rank, "update_weights", f"died during update_weights: {cause}", lost_at)
+        return lost
 
     def shutdown(self) -> None:
         """Stop the engines and kill the actors (safe to call twice)."""

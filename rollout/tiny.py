@@ -97,6 +97,8 @@ def build_tiny_model(
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = False,
+    vocab_size: int = VOCAB_SIZE,
+    dtype: str = "float32",
     seed: int = 0,
 ) -> pathlib.Path:
     """Write a tiny random float32 Qwen2 causal LM plus tokenizer to `output_dir` and return its path.
@@ -107,7 +109,12 @@ def build_tiny_model(
     vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ... only (head_dim 16 fails at the
     first forward with "Unsupported CPU attention configuration"), so keep hidden_size / num_attention_heads
     at 32 or more for a model vLLM will serve; the defaults give head_dim 32 with grouped-query attention.
+    `vocab_size` above the tokenizer's VOCAB_SIZE pads the embedding with rows no token uses (a real model's
+    shape, e.g. Qwen2.5's 151,936, for benchmarks that move weights); `dtype` the dtype of the saved weights
+    (the learner exports its weights to the engines in it; float32 or bfloat16, as Qwen2.5's checkpoints).
     """
+    if vocab_size < VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {VOCAB_SIZE} tokens")
     if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
         raise ValueError(
             f"hidden_size {hidden_size} must divide by num_attention_heads {num_attention_heads}, which must "
@@ -123,6 +130,8 @@ def build_tiny_model(
         "intermediate_size": intermediate_size,
         "max_position_embeddings": max_position_embeddings,
         "tie_word_embeddings": tie_word_embeddings,
+        "vocab_size": vocab_size,
+        "dtype": dtype,
         "seed": seed,
     }
     args_path = output_dir / ARGS_FILE
@@ -135,7 +144,7 @@ def build_tiny_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     args_path.unlink(missing_ok=True)  # a half-written directory must not look complete
     config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
@@ -147,12 +156,12 @@ def build_tiny_model(
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
         rope_theta=10000.0,
-        dtype="float32",
+        dtype=dtype,
     )
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32)
+        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config = GenerationConfig(

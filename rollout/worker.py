@@ -96,5 +96,28 @@ class RolloutWorker:
             "weight_version": self.engine.weight_version(),
         }
 
+    # A push driven by learner rank 0 through vLLM's weight-transfer API (rollout.group.EngineClient)
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.engine.init_weight_transfer(init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.begin_weight_update()
+
+    def receive_weights(self, update_info: dict) -> None:
+        """Take the weights the transport delivers; on failure the update is aborted and the error raised."""
+        try:
+            self.engine.receive_weights(update_info)
+        except BaseException:
+            self.engine.abort_weight_update()
+            raise
+
+    def finish_weight_update(self, policy_version: int) -> str:
+        """End the update; returns the engine's weight version (vLLM's), which is now `policy_version`."""
+        self.engine.finish_weight_update(policy_version)
+        return self.engine.weight_version()
+
+    def abort_weight_update(self) -> None:
+        self.engine.abort_weight_update()
+
     def shutdown(self) -> None:
         self.engine.shutdown()

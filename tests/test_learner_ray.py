@@ -6,6 +6,8 @@ One Ray cluster and one learner group for the module (tests run in file order; t
 """
 
 import copy
+import os
+import signal
 import time
 from dataclasses import replace
 
@@ -145,6 +147,20 @@ def test_weight_buckets_hold_the_full_weights(group):
     assert all(torch.equal(tensor, state[name]) for name, tensor in received)
     assert buckets.nbytes == sum(t.numel() * t.element_size() for _, t in received)
 
+    def packed_buckets(actor) -> list[tuple[list[str], torch.Tensor | None]]:  # what the gloo transport sends
+        out = []
+        for names, _ in actor.worker.weight_bucket_plan(64 << 10):
+            bucket, packed = actor.worker.gather_packed_bucket(names)
+            out.append(([name for name, _ in bucket], packed))
+        return out
+
+    rank0, rank1 = ray.get([actor.__ray_call__.remote(packed_buckets) for actor in group.actors])
+    assert all(packed is None for _, packed in rank1)
+    packed_names = [name for names, _ in rank0 for name in names]
+    packed_bytes = torch.cat([packed for _, packed in rank0])
+    assert packed_names == list(state)
+    assert torch.equal(packed_bytes, torch.cat([state[name].reshape(-1).view(torch.uint8) for name in state]))
+
 
 @ray.remote(num_cpus=1, max_calls=1)  # a fresh process per rank: its peak memory is its own
 def _load_rank(config: LearnerConfig, rank: int, world_size: int, port: int) -> int:
@@ -207,6 +223,94 @@ def test_rollout_engine_log_probs_equal_the_learner_after_a_broadcast(group, mod
     check_sample_log_probs(trained, samples)
     learner = [replace(s, log_probs=learner_after[i, : len(s.response_ids)]) for i, s in enumerate(samples)]
     check_sample_log_probs(trained, learner)
+
+
+@pytest.mark.vllm
+@pytest.mark.filterwarnings("ignore:FIPO with one mini-batch")
+def test_a_gloo_push_gives_the_engines_exactly_what_an_object_store_push_gives(group, model_dir):
+    """rollout.weight_transfer gloo (learner rank 0 broadcasts through vLLM's weight-transfer API) against
+    object_store: engine 0 gets the learner's weights one way, engine 1 the other, both from the model's own
+    weights. Their samples for the same prompts and seeds are bit-identical, both engines report vLLM's weight
+    version = the policy version, and the gloo engine's log-probs are those of a float64 forward of the learner's
+    weights. A second gloo push reuses the handshake."""
+    from orchestration.weight_sync import BroadcastPush, push_weights
+    from rollout.group import RolloutGroup
+    from rollout.types import SamplingConfig
+
+    batch = random_batch(8, vocab_size=VOCAB_SIZE, seed=43)
+    for _ in range(2):  # away from the model's own weights (the first step is the warm-up's, at learning rate 0)
+        group.update(batch.replace(old_log_probs=torch.zeros_like(batch.rollout_log_probs)))
+    prompts = [[257, 72, 105, 10], [257, 49, 43, 49, 61], [257, 120], [257, 97, 98, 99, 100, 101, 102]]
+    sampling = SamplingConfig(max_tokens=12, n=2, seed=0)
+    kwargs = {"max_model_len": 256, "dtype": "float32"}
+    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs) as rollout:
+        engines = rollout.workers
+        before = ray.get(engines[1].generate.remote(prompts, sampling))
+        push_weights(group, rollout, policy_version=1, bucket_bytes=64 << 10, ranks=[0])
+        gloo = BroadcastPush("gloo", bucket_bytes=64 << 10)
+        report = gloo(group, rollout, policy_version=1, ranks=[1])
+        assert report["weight_sync/bytes"] > 0 and report["weight_sync/handshakes"] == 1
+        by_object_store, by_gloo = ray.get([e.generate.remote(prompts, sampling) for e in engines])
+        assert [ray.get(e.info.remote())["policy_version"] for e in engines] == [1, 1]
+        report = gloo(group, rollout, policy_version=2, ranks=[1])  # the same parties: no new handshake
+        assert report["weight_sync/handshakes"] == 1
+        assert ray.get(engines[1].info.remote())["policy_version"] == 2
+    changed = [
+        a.response_ids != b.response_ids or not torch.equal(a.log_probs, b.log_probs) for a, b in zip(before, by_gloo)
+    ]
+    assert all(changed), "the push left an engine's outputs as they were"
+
+    def source_pairs(actor, on_device: bool) -> list:  # vLLM's WeightSource over the shards (nccl: on_device)
+        from learner.transfer import BucketSource
+
+        source = BucketSource(actor.worker, actor.worker.weight_bucket_plan(64 << 10), on_device=on_device)
+        return [(m.name, m.dtype, m.shape) for m in source.metadata()], [(n, t) for n, t in source]
+
+    state = group.full_state_dict()["model"]
+    for on_device in (False, True):
+        (meta, pairs), (_, rank1_pairs) = ray.get(
+            [a.__ray_call__.remote(source_pairs, on_device) for a in group.actors]
+        )
+        assert meta == [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+        assert [n for n, _ in pairs] == list(state) and all(torch.equal(t, state[n]) for n, t in pairs)
+        assert [n for n, _ in rank1_pairs] == list(state) and all(t is None for _, t in rank1_pairs)
+    for a, b in zip(by_object_store, by_gloo):
+        assert a.response_ids == b.response_ids and torch.equal(a.log_probs, b.log_probs)
+        assert a.policy_version == b.policy_version == 1
+    check_sample_log_probs(load_reference_model(model_dir, group.full_state_dict()["model"]), by_gloo)
+
+
+@pytest.mark.vllm
+def test_an_engine_lost_during_a_gloo_push_is_restarted_and_the_push_redone(group, model_dir):
+    """Engine 1 is SIGKILLed as the push is announced (the fault drills' hook; the push waits until Ray sees it dead):
+    the push restarts it, runs the handshake again and sends to both; every engine ends at the pushed version
+    and the learner group stays usable."""
+    from orchestration.weight_sync import BroadcastPush
+    from rollout.group import RolloutGroup
+
+    kwargs = {"max_model_len": 256, "dtype": "float32"}
+    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs, max_restarts=1) as rollout:
+        rollout.recover_weights = lambda ranks: None  # recovery on; the push itself redoes the lost engine's part
+        gloo = BroadcastPush("gloo", bucket_bytes=64 << 10)
+        gloo(group, rollout, policy_version=1)
+        killed, restarts = [], []
+        victim = rollout.workers[1]
+
+        def kill_once(phase, processes):
+            if phase == "update_weights" and not killed:
+                killed.append(phase)
+                os.kill(processes[1][0], signal.SIGKILL)  # as the fault drills do; gone before the push goes on
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(victim.info.remote(), timeout=120)
+
+        rollout.on_submit = kill_once
+        rollout.on_restart = lambda rank, phase, cause, lost_at: restarts.append((rank, phase))
+        report = gloo(group, rollout, policy_version=2)
+        assert killed and restarts == [(1, "update_weights")]
+        assert rollout.workers[1] is not victim and report["weight_sync/handshakes"] == 2
+        assert [ray.get(w.info.remote())["policy_version"] for w in rollout.workers] == [2, 2]
+    group.ping()
+    assert group.failed is None
 
 
 def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):

@@ -98,6 +98,27 @@ def test_bad_values_name_the_key(override, match):
         load(override)
 
 
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["rollout.weight_transfer=nccl"], r"rollout\.weight_transfer: nccl moves weights between GPUs.*use gloo"),
+        (["rollout.weight_transfer=gloo", "trainer.max_staleness=1"], r"rollout\.weight_transfer: gloo with trainer"),
+        (
+            ["rollout.weight_transfer=gloo", "rollout.engine=hf", "trainer.max_staleness=0"],
+            r"needs rollout\.engine=vllm",
+        ),
+        (["rollout.weight_transfer=ipc"], r"rollout\.weight_transfer.*must be one of"),
+    ],
+)
+def test_a_weight_transfer_this_run_cannot_use_is_refused_at_start_up(overrides, match):
+    """A GPU transport on CPU engines, a transport without the object store's copy where a restarted engine
+    needs it, a transport the hf engine lacks, a vLLM transport not wired here: each a ConfigError naming the
+    key before anything starts."""
+    with pytest.raises(ConfigError, match=match):
+        load(*overrides)
+    assert load("rollout.weight_transfer=gloo", "trainer.max_staleness=0").rollout.weight_transfer == "gloo"
+
+
 def test_gpu_placement_checked_against_this_machine():
     with pytest.raises(ConfigError, match="GPUs"):
         load("learner.num_gpus_per_rank=1")
@@ -142,7 +163,7 @@ def test_every_numeric_key_rejects_a_negative_value_naming_itself(key):
     "key",
     ["algorithm.policy_loss", "algorithm.advantage_estimator", "algorithm.loss_agg_mode", "algorithm.kl_estimator",
      "rollout.engine", "rollout.dtype", "learner.lr_schedule", "learner.param_dtype", "trainer.resume",
-     "logger.wandb_mode"],
+     "logger.wandb_mode", "rollout.weight_transfer"],
 )  # fmt: skip
 def test_every_choice_key_rejects_an_unknown_choice(key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*must be one of"):

@@ -126,3 +126,46 @@ def test_heap_trimmer_trims_first_then_only_past_its_slack():
     trimmer()
     assert len(calls) == 2 and trimmer.trims == 2
     del grown
+
+
+@pytest.mark.vllm
+def test_the_reload_warning_is_dropped_only_for_tied_and_derived_buffer_layers():
+    """An LM head tied to the embedding gets no tensor of its own in an update (the embedding's carries it), and
+    a rotary embedding holds only a cache computed from the config: vLLM's "Failed to load weights" for them is
+    dropped; an untied head of the same class elsewhere, or any other layer, still warns."""
+    import logging
+
+    from rollout.weight_transfer import FAILED_TO_LOAD, DerivedBufferReloadFilter, derived_buffer_layers, tied_layers
+
+    class Embedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, 2))
+
+    class Head(torch.nn.Module):
+        def __init__(self, weight=None):
+            super().__init__()
+            self.weight = weight if weight is not None else torch.nn.Parameter(torch.zeros(4, 2))
+
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cos_sin_cache", torch.zeros(3), persistent=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.embed = Embedding()
+            self.rotary = Rotary()
+            self.mlp = torch.nn.Linear(2, 2)
+            self.head = Head(self.embed.weight if tied else None)
+
+    assert tied_layers(Model(tied=True)) == {"Head"} and tied_layers(Model(tied=False)) == set()
+    assert derived_buffer_layers(Model(tied=True)) == {"Rotary"}
+    quiet = DerivedBufferReloadFilter(derived_buffer_layers(Model(True)) | tied_layers(Model(True)))
+
+    def warning(layer: str) -> logging.LogRecord:
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 1, FAILED_TO_LOAD, (layer,), None)
+
+    assert not quiet.filter(warning("Head")) and not quiet.filter(warning("Rotary"))
+    assert quiet.filter(warning("Linear")) and quiet.filter(warning("Embedding"))

@@ -195,6 +195,31 @@ def test_killed_workers_are_replaced_and_the_run_ends_as_if_nothing_happened(tmp
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
+def test_a_gloo_weight_transfer_run_survives_a_lost_engine_and_learner_and_trains_as_the_object_store_run(
+    tmp_path, tiny_dir, full
+):
+    """rollout.weight_transfer=gloo (learner rank 0 broadcasts through vLLM's API) with the engine SIGKILLed as
+    step 1's push begins and a learner rank mid-update at step 2 (a new learner group: new parties, so the
+    handshake runs again): every step completes, and the metrics and final weights equal the undisturbed
+    object_store run's (`full`)."""
+    import torch
+
+    gloo = tmp_path / "gloo"
+    kills = "trainer.fault_inject=[rollout:0@1:update_weights,learner:1@2:update]"
+    run_train(gloo, tiny_dir, *STEPS, "rollout.weight_transfer=gloo", kills)
+    rows = metrics(gloo)
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert min(row["weight_sync/handshakes"] for row in rows) == 1 and rows[-1]["weight_sync/handshakes"] >= 3
+    assert [{k: v for k, v in row.items() if k != "weight_sync/handshakes"} for row in rows] == metrics(full)
+    expected, got = final_weights(full), final_weights(gloo)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    last = json.loads((gloo / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["fault/rollout_restarts"] == 1 and last["fault/learner_restarts"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
 def test_a_worker_killed_on_every_attempt_ends_the_run_with_a_bounded_error(tmp_path, tiny_dir):
     out = tmp_path / "doomed"
     proc = run_train(

@@ -136,6 +136,8 @@ def engine_kwargs(cfg: TrainConf) -> dict[str, Any]:
         kwargs["tensor_parallel_size"] = r.tensor_parallel_size
         if r.num_gpus_per_worker > 0:
             kwargs["engine_kwargs"] = {"gpu_memory_utilization": r.gpu_memory_utilization}
+        if r.weight_transfer == "nccl":  # vLLM's own transport on the engines (the others are ours, one backend)
+            kwargs.setdefault("engine_kwargs", {})["weight_transfer_config"] = {"backend": "nccl"}
         if r.tensor_parallel_size > 1:  # vLLM's own processes on the engine's GPUs; inside a placement group it
             # would otherwise start Ray workers of its own, which the engine's bundle has no GPUs left for
             kwargs.setdefault("engine_kwargs", {})["distributed_executor_backend"] = "mp"

@@ -261,6 +261,11 @@ class DataConf:
             _check(min_steps >= 3, "data.synthetic_min_steps", f"free_chain needs >= 3 operations, got {min_steps}")
 
 
+WEIGHT_TRANSFERS = ("gloo", "object_store", "nccl")
+"""The values of rollout.weight_transfer (vLLM's ipc and sparse_nccl transports are not wired: they need a
+trainer side this project has not built; docs/weight_sync.md)."""
+
+
 @dataclass
 class RolloutConf:
     """Generation: vLLM engines in Ray actors."""
@@ -289,9 +294,16 @@ class RolloutConf:
     """Ray GPUs per rollout actor (= tensor_parallel_size on a GPU cluster)."""
     timeout_s: float = 1800.0
     """Deadline of one generate / weight-update call, seconds; past it the run fails naming the phase."""
+    weight_transfer: str = "object_store"
+    """How the learner's weights reach the engines, always through vLLM's RL weight-transfer API (vllm engines):
+    gloo (ours: learner rank 0 broadcasts each bucket to the engines over a gloo group; CPU or GPU hosts) |
+    object_store (ours: buckets through Ray's object store, fetched by each engine; also the hf engine) |
+    nccl (vLLM's: GPU to GPU; needs GPU engines; not run by this project yet: docs/weight_sync.md).
+    trainer.max_staleness 1 brings a restarted engine back from the object store's copy: object_store only."""
 
     def __post_init__(self) -> None:
         _one_of(self.engine, ("vllm", "hf", "auto"), "rollout.engine")
+        _one_of(self.weight_transfer, WEIGHT_TRANSFERS, "rollout.weight_transfer")
         for key in ("num_workers", "tensor_parallel_size", "max_response_tokens", "timeout_s"):
             _positive(getattr(self, key), f"rollout.{key}")
         _non_negative(self.temperature, "rollout.temperature")
@@ -580,6 +592,28 @@ def validate(cfg: TrainConf) -> None:
             "learner.num_gpus_per_rank / rollout.num_gpus_per_worker",
             f"the placement needs {needed:g} GPUs (learner.world_size × learner.num_gpus_per_rank + "
             f"rollout.num_workers × rollout.num_gpus_per_worker) but this machine has {have}",
+        )
+    transfer = cfg.rollout.weight_transfer
+    if transfer == "nccl":
+        _check(
+            cfg.rollout.num_gpus_per_worker > 0 and cfg.learner.num_gpus_per_rank > 0,
+            "rollout.weight_transfer",
+            "nccl moves weights between GPUs: it needs GPU engines and learner ranks (rollout.num_gpus_per_worker "
+            f"= {cfg.rollout.num_gpus_per_worker:g}, learner.num_gpus_per_rank = {cfg.learner.num_gpus_per_rank:g}); "
+            "on CPU hosts use gloo or object_store",
+        )
+    if transfer != "object_store":
+        _check(
+            cfg.rollout.engine == "vllm",
+            "rollout.weight_transfer",
+            f"{transfer} drives vLLM's weight-transfer API: it needs rollout.engine=vllm (got {cfg.rollout.engine}; "
+            "the hf engine takes rollout.weight_transfer=object_store)",
+        )
+        _check(
+            cfg.trainer.max_staleness == 0,
+            "rollout.weight_transfer",
+            f"{transfer} with trainer.max_staleness=1: an engine restarted while the learner has moved on is brought "
+            "back from the object store's copy of the last push, which only object_store keeps",
         )
     workers = {
         "rollout": cfg.rollout.num_workers,
