@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -135,23 +135,29 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
             "world_size": init_info.world_size,
             "timeout_s": init_info.timeout_s,
         }
-        # the engines block in the rendezvous until rank 0 joins: their handshake runs on a side thread
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            engines_ready = pool.submit(client.init_weight_transfer_engine, worker_init)
-            try:
-                engine.group = stateless_init_torch_distributed_process_group(
-                    init_info.master_address,
-                    port,
-                    0,
-                    init_info.world_size,
-                    "gloo",
-                    listen_socket=listen,
-                    timeout=timedelta(seconds=init_info.timeout_s),
-                )
-            except BaseException:
-                engines_ready.cancel()
-                raise
+        # Both sides block in the rendezvous until everyone joined: the engines' handshake and rank 0's end run on
+        # two threads. When the engines fail (one was lost), rank 0 reports it at once; its own thread then waits
+        # in the rendezvous until the group's timeout and ends there (the next handshake uses a new port).
+        pool = ThreadPoolExecutor(max_workers=2)
+        engines_ready = pool.submit(client.init_weight_transfer_engine, worker_init)
+        opened = pool.submit(
+            stateless_init_torch_distributed_process_group,
+            init_info.master_address,
+            port,
+            0,
+            init_info.world_size,
+            "gloo",
+            listen_socket=listen,
+            timeout=timedelta(seconds=init_info.timeout_s),
+        )
+        try:
+            wait([engines_ready, opened], return_when=FIRST_EXCEPTION)
+            if engines_ready.done() and engines_ready.exception() is not None:
+                raise EngineSideError(f"the engines' handshake failed: {engines_ready.exception()}")
+            engine.group = opened.result()
             engines_ready.result()
+        finally:
+            pool.shutdown(wait=False)
         return engine
 
     def send_weights(self) -> None:

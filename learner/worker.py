@@ -339,22 +339,26 @@ class LearnerWorker:
 
     def init_weight_transfer(
         self, backend: str, *, client, bucket_bytes: int, master_address: str, world_size: int, timeout_s: float
-    ) -> None:
+    ) -> str | None:
         """The handshake of a weight transport through vLLM's API (learner/transfer.py: "gloo" or "nccl"), on
         every rank at once; replaces the previous one. `client` drives the engines (rank 0 uses it);
-        `world_size` = 1 + every engine worker."""
-        from learner.transfer import start_transfer  # heavy: vLLM, only in runs that push weights this way
+        `world_size` = 1 + every engine worker. Returns why the engines' side failed (rank 0, gloo), else None."""
+        from learner.transfer import EngineSideError, start_transfer  # heavy: vLLM, only in runs that push this way
 
         self.close_weight_transfer()
-        self.weight_transfer = start_transfer(
-            self,
-            backend,
-            client=client,
-            bucket_bytes=bucket_bytes,
-            master_address=master_address,
-            world_size=world_size,
-            timeout_s=timeout_s,
-        )
+        try:
+            self.weight_transfer = start_transfer(
+                self,
+                backend,
+                client=client,
+                bucket_bytes=bucket_bytes,
+                master_address=master_address,
+                world_size=world_size,
+                timeout_s=timeout_s,
+            )
+        except EngineSideError as err:
+            return str(err)
+        return None
 
     def send_weights(self, policy_version: int) -> dict:
         """Push the current weights through the transport of the last handshake (every rank at once; rank 0

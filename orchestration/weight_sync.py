@@ -91,39 +91,41 @@ class BroadcastPush:
         """Who the current handshake joined (the learner's and the engines' actors), None when there is none."""
         self.handshakes = 0
 
-    def _handshake(self, learner_group, rollout_group, ranks: list[int]) -> None:
-        client = rollout_group.transfer_client(ranks)
-        workers_per_engine = rollout_group.workers_per_engine
-        learner_group.call(
+    def _handshake(self, learner_group, rollout_group, ranks: list[int]) -> str | None:
+        """Returns why the engines' side failed, or None."""
+        self.handshakes += 1
+        return learner_group.call_rank0(
             "init_weight_transfer",
             self.backend,
-            client=client,
+            client=rollout_group.transfer_client(ranks),
             bucket_bytes=self.bucket_bytes,
             master_address=learner_group.locations[0]["ip"],
-            world_size=1 + len(ranks) * workers_per_engine,
+            world_size=1 + len(ranks) * rollout_group.workers_per_engine,
             timeout_s=rollout_group.timeout_s,
         )
-        self.handshakes += 1
 
     def __call__(self, learner_group, rollout_group, policy_version: int, *, ranks: list[int] | None = None) -> dict:
         """Like `push_weights` (same arguments and report, plus "weight_sync/handshakes")."""
         ranks = list(range(rollout_group.num_workers)) if ranks is None else list(ranks)
-        start = time.perf_counter()
-        for _ in range(rollout_group.max_restarts + 1):
+        start, restarted = time.perf_counter(), 0
+        while True:
             parties = (tuple(learner_group.actors), tuple(rollout_group.workers[r] for r in ranks))
+            error = None
             if parties != self.parties:
                 self.parties = None
-                self._handshake(learner_group, rollout_group, ranks)
+                error = self._handshake(learner_group, rollout_group, ranks)
+            if error is None:
                 self.parties = parties
-            rollout_group.transfer_client(ranks, announce=True)  # the push begins (fault drills)
-            sent = learner_group.call_rank0("send_weights", policy_version)
-            if sent["error"] is None:
+                rollout_group.transfer_client(ranks, announce=True)  # the push begins (fault drills)
+                sent = learner_group.call_rank0("send_weights", policy_version)
+                error = sent["error"]
+            if error is None:
                 break
             self.parties = None
-            if not rollout_group.replace_lost_workers(ranks, sent["error"]):
-                raise RuntimeError(f"weight push of policy version {policy_version} failed: {sent['error']}")
-        else:
-            raise RuntimeError(f"weight push of policy version {policy_version} failed: {sent['error']}")
+            lost = rollout_group.replace_lost_workers(ranks, error, allowed=rollout_group.max_restarts - restarted)
+            if not lost:
+                raise RuntimeError(f"weight push of policy version {policy_version} failed: {error}")
+            restarted += len(lost)
         rollout_group.policy_version = policy_version
         seconds = time.perf_counter() - start
         return {

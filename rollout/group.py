@@ -337,20 +337,21 @@ class RolloutGroup:
             )
         return EngineClient([self.workers[r] for r in ranks], self.timeout_s, self.workers_per_engine)
 
-    def replace_lost_workers(self, ranks: Sequence[int], cause: str) -> list[int]:
+    def replace_lost_workers(self, ranks: Sequence[int], cause: str, *, allowed: int) -> list[int]:
         """After a failed push: restart the workers among `ranks` whose actor died (`cause` says why the push
         failed) and end the update on the others (their layers complete so far keep the new values: push
-        again). Returns the restarted ranks; RuntimeError when that exceeds `max_restarts` in one call."""
+        again). Returns the restarted ranks; RuntimeError when more than `allowed` were lost (the push's share
+        of `max_restarts`) or recovery is off."""
         lost_at = time.monotonic()
         lost, refs = [], {rank: self.workers[rank].abort_weight_update.remote() for rank in ranks}
         for rank, ref in refs.items():
-            try:
-                ray.get(ref, timeout=self.timeout_s)
+            try:  # a survivor may first have to leave a handshake's rendezvous (up to timeout_s), then abort
+                ray.get(ref, timeout=2 * self.timeout_s)
             except RayTaskError as error:
                 raise RuntimeError(f"rollout worker {rank} could not end the failed update: {error}") from error
             except RayError:
                 lost.append(rank)
-        if lost and (len(lost) > self.max_restarts or self.recover_weights is None):
+        if lost and (len(lost) > allowed or self.recover_weights is None):
             self._broken = f"workers {lost} lost during a weight push"
             raise RuntimeError(
                 f"rollout workers {lost} were lost during a weight push ({cause}); max_restarts={self.max_restarts}"

@@ -313,6 +313,28 @@ def test_an_engine_lost_during_a_gloo_push_is_restarted_and_the_push_redone(grou
     assert group.failed is None
 
 
+@pytest.mark.vllm
+def test_an_engine_lost_before_the_gloo_handshake_is_restarted_and_nothing_hangs(group, model_dir):
+    """Engine 1 is SIGKILLed before the first push: its handshake fails at once, learner rank 0 reports it without
+    waiting for the group, and engine 0 leaves the rendezvous at the group's timeout (rollout timeout_s: 20 s
+    here); the push restarts engine 1, runs the handshake again and completes; the learner group stays usable."""
+    from orchestration.weight_sync import BroadcastPush
+    from rollout.group import RolloutGroup
+
+    kwargs = {"max_model_len": 256, "dtype": "float32"}
+    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs, max_restarts=1, timeout_s=20) as rollout:
+        rollout.recover_weights = lambda ranks: None  # recovery on
+        victim = rollout.workers[1]
+        os.kill(rollout.worker_info[1]["pid"], signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(victim.info.remote(), timeout=120)
+        report = BroadcastPush("gloo", bucket_bytes=64 << 10)(group, rollout, policy_version=1)
+        assert report["weight_sync/handshakes"] == 2 and rollout.workers[1] is not victim
+        assert [ray.get(w.info.remote())["policy_version"] for w in rollout.workers] == [1, 1]
+    group.ping()
+    assert group.failed is None
+
+
 def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):
     """Rank 1 raises at once while rank 0 waits in a collective for it: the driver gets rank 1's error and
     traceback at once, and rank 0 gets out of its stuck collective after the process-group timeout."""
