@@ -6,16 +6,16 @@ it opens its end of the transport) and `send_weights()` per push (every rank ite
 the FSDP2 shards; rank 0 drives the engines through the client and sends). Two transports go through this file:
 
 * `gloo` (`GlooTrainerEngine`, ours, registered here as "fipo_gloo"): a gloo process group between learner rank
-  0 and every engine worker (vLLM's stateless groups: neither side's own default group is touched). Each
-  bucket is packed into one uint8 tensor on rank 0 and broadcast; the engines unpack it and load it with vLLM's
-  layer-wise reload (rollout/weight_transfer.py). What runs on this CPU.
+  0 and every engine worker (vLLM's stateless groups: neither side's own default group is touched). The ranks
+  gather each bucket straight into one uint8 tensor on rank 0, which broadcasts it; the engines split it into
+  views and load them with vLLM's layer-wise reload (rollout/weight_transfer.py). What runs on this CPU.
 * `nccl` (vLLM's own `NCCLTrainerWeightTransferEngine`): the same source and client, NCCL between GPUs; not
-  run here (no CUDA build of vLLM on any machine this project has: README "Weight sync").
+  run here (no CUDA build of vLLM on any machine this project has: docs/weight_sync.md).
 
 `BucketSource` is the one piece both share: the learner's weights as vLLM's `WeightSource`, gathered bucket by
-bucket to rank 0 (`LearnerWorker.gather_weight_bucket`: every rank sends its shards, in the export dtype), so
-no process ever holds more than its shard plus one full bucket. vLLM is imported by this module only: the
-learner's other modules run without it.
+bucket to rank 0 (`LearnerWorker.gather_weight_bucket` / `gather_packed_bucket`: every rank sends its shards,
+in the export dtype), so no process ever holds more than its shard plus a bucket or two. vLLM is imported by this
+module only: the learner's other modules run without it.
 """
 
 from __future__ import annotations

@@ -225,14 +225,31 @@ def test_rollout_engine_log_probs_equal_the_learner_after_a_broadcast(group, mod
     check_sample_log_probs(trained, learner)
 
 
+def _kill(rollout, rank: int) -> None:
+    """SIGKILL rollout worker `rank` (as the fault drills do) and return once Ray sees its actor dead."""
+    victim = rollout.workers[rank]
+    os.kill(rollout.worker_info[rank]["pid"], signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(victim.info.remote(), timeout=120)
+
+
 @pytest.mark.vllm
 @pytest.mark.filterwarnings("ignore:FIPO with one mini-batch")
-def test_a_gloo_push_gives_the_engines_exactly_what_an_object_store_push_gives(group, model_dir):
-    """rollout.weight_transfer gloo (learner rank 0 broadcasts through vLLM's weight-transfer API) against
-    object_store: engine 0 gets the learner's weights one way, engine 1 the other, both from the model's own
-    weights. Their samples for the same prompts and seeds are bit-identical, both engines report vLLM's weight
-    version = the policy version, and the gloo engine's log-probs are those of a float64 forward of the learner's
-    weights. A second gloo push reuses the handshake."""
+def test_a_gloo_push_equals_an_object_store_push_and_survives_engines_lost_at_the_handshake_and_the_push(
+    group, model_dir
+):
+    """rollout.weight_transfer gloo (learner rank 0 broadcasts through vLLM's weight-transfer API):
+
+    1. against object_store: engine 0 gets the learner's weights one way, engine 1 the other, both from the model's
+       own weights. Their samples for the same prompts and seeds are bit-identical, both engines report vLLM's
+       weight version = the policy version, the gloo engine's log-probs are those of a float64 forward of the
+       learner's weights, and a second push reuses the handshake. vLLM's WeightSource over the shards yields the
+       state dict exactly (on the CPU, and on the learner's device as the nccl transport takes it).
+    2. engine 1 SIGKILLed before a push to both: its handshake fails at once, learner rank 0 reports it without
+       waiting for the group, engine 0 leaves the rendezvous at the group's timeout (rollout timeout_s: 10 s here);
+       then engine 0 SIGKILLed as the next push is announced (the fault drills' hook). Each time the push restarts
+       the lost engine, runs the handshake again and completes: both engines at the pushed version, nothing hung,
+       the learner group still usable. Each kill waits until Ray sees the actor dead, so the order is fixed."""
     from orchestration.weight_sync import BroadcastPush, push_weights
     from rollout.group import RolloutGroup
     from rollout.types import SamplingConfig
@@ -243,8 +260,8 @@ def test_a_gloo_push_gives_the_engines_exactly_what_an_object_store_push_gives(g
     prompts = [[257, 72, 105, 10], [257, 49, 43, 49, 61], [257, 120], [257, 97, 98, 99, 100, 101, 102]]
     sampling = SamplingConfig(max_tokens=12, n=2, seed=0)
     kwargs = {"max_model_len": 256, "dtype": "float32"}
-    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs) as rollout:
-        engines = rollout.workers
+    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs, max_restarts=1, timeout_s=10) as rollout:
+        engines = list(rollout.workers)
         before = ray.get(engines[1].generate.remote(prompts, sampling))
         push_weights(group, rollout, policy_version=1, bucket_bytes=64 << 10, ranks=[0])
         gloo = BroadcastPush("gloo", bucket_bytes=64 << 10)
@@ -255,10 +272,37 @@ def test_a_gloo_push_gives_the_engines_exactly_what_an_object_store_push_gives(g
         report = gloo(group, rollout, policy_version=2, ranks=[1])  # the same parties: no new handshake
         assert report["weight_sync/handshakes"] == 1
         assert ray.get(engines[1].info.remote())["policy_version"] == 2
+
+        rollout.recover_weights = lambda ranks: None  # recovery on; the push itself redoes the lost engine's part
+        restarts = []
+        rollout.on_restart = lambda rank, phase, cause, lost_at: restarts.append((rank, phase))
+        gloo = BroadcastPush("gloo", bucket_bytes=64 << 10)
+        _kill(rollout, 1)
+        report = gloo(group, rollout, policy_version=3)
+        assert restarts == [(1, "update_weights")] and report["weight_sync/handshakes"] == 2
+        assert rollout.workers[0] is engines[0] and rollout.workers[1] is not engines[1]
+        announced = []
+
+        def kill_once(phase, processes):
+            if phase == "update_weights" and not announced:
+                announced.append(phase)
+                _kill(rollout, 0)
+
+        rollout.on_submit = kill_once
+        report = gloo(group, rollout, policy_version=4)
+        assert announced and restarts == [(1, "update_weights"), (0, "update_weights")]
+        assert report["weight_sync/handshakes"] == 3 and rollout.workers[0] is not engines[0]
+        assert [ray.get(w.info.remote())["policy_version"] for w in rollout.workers] == [4, 4]
+    group.ping()
+    assert group.failed is None
     changed = [
         a.response_ids != b.response_ids or not torch.equal(a.log_probs, b.log_probs) for a, b in zip(before, by_gloo)
     ]
     assert all(changed), "the push left an engine's outputs as they were"
+    for a, b in zip(by_object_store, by_gloo):
+        assert a.response_ids == b.response_ids and torch.equal(a.log_probs, b.log_probs)
+        assert a.policy_version == b.policy_version == 1
+    check_sample_log_probs(load_reference_model(model_dir, group.full_state_dict()["model"]), by_gloo)
 
     def source_pairs(actor, on_device: bool) -> list:  # vLLM's WeightSource over the shards (nccl: on_device)
         from learner.transfer import BucketSource
@@ -274,65 +318,6 @@ def test_a_gloo_push_gives_the_engines_exactly_what_an_object_store_push_gives(g
         assert meta == [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
         assert [n for n, _ in pairs] == list(state) and all(torch.equal(t, state[n]) for n, t in pairs)
         assert [n for n, _ in rank1_pairs] == list(state) and all(t is None for _, t in rank1_pairs)
-    for a, b in zip(by_object_store, by_gloo):
-        assert a.response_ids == b.response_ids and torch.equal(a.log_probs, b.log_probs)
-        assert a.policy_version == b.policy_version == 1
-    check_sample_log_probs(load_reference_model(model_dir, group.full_state_dict()["model"]), by_gloo)
-
-
-@pytest.mark.vllm
-def test_an_engine_lost_during_a_gloo_push_is_restarted_and_the_push_redone(group, model_dir):
-    """Engine 1 is SIGKILLed as the push is announced (the fault drills' hook; the push waits until Ray sees it dead):
-    the push restarts it, runs the handshake again and sends to both; every engine ends at the pushed version
-    and the learner group stays usable."""
-    from orchestration.weight_sync import BroadcastPush
-    from rollout.group import RolloutGroup
-
-    kwargs = {"max_model_len": 256, "dtype": "float32"}
-    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs, max_restarts=1) as rollout:
-        rollout.recover_weights = lambda ranks: None  # recovery on; the push itself redoes the lost engine's part
-        gloo = BroadcastPush("gloo", bucket_bytes=64 << 10)
-        gloo(group, rollout, policy_version=1)
-        killed, restarts = [], []
-        victim = rollout.workers[1]
-
-        def kill_once(phase, processes):
-            if phase == "update_weights" and not killed:
-                killed.append(phase)
-                os.kill(processes[1][0], signal.SIGKILL)  # as the fault drills do; gone before the push goes on
-                with pytest.raises(ray.exceptions.RayActorError):
-                    ray.get(victim.info.remote(), timeout=120)
-
-        rollout.on_submit = kill_once
-        rollout.on_restart = lambda rank, phase, cause, lost_at: restarts.append((rank, phase))
-        report = gloo(group, rollout, policy_version=2)
-        assert killed and restarts == [(1, "update_weights")]
-        assert rollout.workers[1] is not victim and report["weight_sync/handshakes"] == 2
-        assert [ray.get(w.info.remote())["policy_version"] for w in rollout.workers] == [2, 2]
-    group.ping()
-    assert group.failed is None
-
-
-@pytest.mark.vllm
-def test_an_engine_lost_before_the_gloo_handshake_is_restarted_and_nothing_hangs(group, model_dir):
-    """Engine 1 is SIGKILLed before the first push: its handshake fails at once, learner rank 0 reports it without
-    waiting for the group, and engine 0 leaves the rendezvous at the group's timeout (rollout timeout_s: 20 s
-    here); the push restarts engine 1, runs the handshake again and completes; the learner group stays usable."""
-    from orchestration.weight_sync import BroadcastPush
-    from rollout.group import RolloutGroup
-
-    kwargs = {"max_model_len": 256, "dtype": "float32"}
-    with RolloutGroup(model_dir, 2, engine="vllm", engine_kwargs=kwargs, max_restarts=1, timeout_s=20) as rollout:
-        rollout.recover_weights = lambda ranks: None  # recovery on
-        victim = rollout.workers[1]
-        os.kill(rollout.worker_info[1]["pid"], signal.SIGKILL)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(victim.info.remote(), timeout=120)
-        report = BroadcastPush("gloo", bucket_bytes=64 << 10)(group, rollout, policy_version=1)
-        assert report["weight_sync/handshakes"] == 2 and rollout.workers[1] is not victim
-        assert [ray.get(w.info.remote())["policy_version"] for w in rollout.workers] == [1, 1]
-    group.ping()
-    assert group.failed is None
 
 
 def test_a_failing_rank_raises_in_the_driver_promptly(group, model_dir):
