@@ -62,6 +62,14 @@ class _RayRolloutWorker(RolloutWorker):
         return self.update_weights_from_buckets((ray.get(ref) for ref in bucket_refs), policy_version)
 
 
+def check_weight_versions(reported: dict[int, str], policy_version: int) -> None:
+    """RuntimeError naming the engines whose own record (vLLM's weight version, {rank: version}) disagrees with
+    the policy version just pushed."""
+    stale = {rank: version for rank, version in reported.items() if version != str(policy_version)}
+    if stale:
+        raise RuntimeError(f"after the push of policy version {policy_version} the engines report {stale}")
+
+
 class EngineClient:
     """vLLM's `VLLMWeightSyncClient` over our rollout workers: what learner rank 0 drives the engines with
     during a push through vLLM's API (learner/transfer.py). Picklable (it holds actor handles), so the driver
@@ -98,8 +106,7 @@ class EngineClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         version = weight_version if weight_version is not None else self.weight_version
         reported = self._all("finish_weight_update", int(version))
-        if any(v != str(int(version)) for v in reported):  # the engines' own record disagrees with the push
-            raise RuntimeError(f"after the push of policy version {version} the engines report {reported}")
+        check_weight_versions(dict(enumerate(reported)), int(version))
 
 
 def shard_prompts(num_prompts: int, num_workers: int) -> list[tuple[int, int]]:
@@ -315,13 +322,7 @@ class RolloutGroup:
             return self.workers[rank].update_weights_from_refs.remote([list(bucket_refs)], policy_version)
 
         stats = self._call("update_weights", submit, ranks, timeout_s or self.timeout_s)
-        stale = {
-            rank: stats[rank]["weight_version"]
-            for rank in ranks
-            if stats[rank]["weight_version"] != str(policy_version)
-        }
-        if stale:  # the engine's own record (vLLM's weight version) disagrees with what was pushed
-            raise RuntimeError(f"after the push of policy version {policy_version} the engines report {stale}")
+        check_weight_versions({rank: stats[rank]["weight_version"] for rank in ranks}, policy_version)
         self.policy_version = policy_version
         return [stats[rank] for rank in ranks]
 
