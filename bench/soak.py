@@ -7,7 +7,7 @@ Trains the demo's setting (conf/config.yaml: FIPO on the built-in task, the tiny
 warm-start, 16 prompts × 8 samples per step, evaluation and checkpoint every 10 steps, offline wandb) for
 `--steps` steps, once per `--staleness` value (trainer.max_staleness), one run after the other, in this process
 (orchestration.train.train, as `make demo` runs it). The warm-start is trained once and cached
-(outputs/models/warm_start, ~6 min alone on 2 cores, ~20 min beside other work); `--no-warm-start` skips it with
+(outputs/models/warm_start, ~7 min alone on 2 cores, ~20 min beside other work); `--no-warm-start` skips it with
 `model.warm_start_steps=0 algorithm.filter_groups=false` (a random model never answers right, so dynamic
 sampling would drop every group and stop after algorithm.max_gen_rounds: without the filter every step trains on
 its one generation round of 64-token responses), a different workload from the demo's.

@@ -1,9 +1,10 @@
 """What a user's mistake looks like on the console: its message alone, no traceback.
 
 A bad config value, a bad dataset row, resources the cluster cannot place, a worker that keeps failing, a disk
-that fills while saving: each is raised as an error whose message names the key, file, row, node or path
-(ConfigError, DataError, PlacementError, RestartBudgetError, CheckpointError). The entry points (`python -m
-orchestration.train`, `tools.demo`, `tools.evaluate`, `tools.plan`) run inside
+that fills while saving, a warm-start that failed its check: each is raised as an error whose message names the
+key, file, row, node or path (ConfigError, DataError, PlacementError, RestartBudgetError, CheckpointError,
+WarmStartError). The entry points (`python -m orchestration.train`, `tools.demo`, `tools.evaluate`,
+`tools.plan`) run inside
 `clean_exit()`, which prints such an error as `error: <message>` on stderr and exits with status 1; it is also
 found as the cause of a failed step (PhaseError). Anything else is a bug and keeps its traceback. Nothing
 computed is lost on the way out: the training loop's own `finally` has closed the metrics log and the actors
@@ -21,6 +22,7 @@ from orchestration.cluster.faults import RestartBudgetError
 from orchestration.cluster.layout import PlacementError
 from orchestration.config.errors import ConfigError
 from orchestration.data.prompts import DataError
+from orchestration.data.warm_start import WarmStartError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -28,6 +30,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PlacementError,
     RestartBudgetError,
     CheckpointError,
+    WarmStartError,
 )
 """Errors whose message is the whole story."""
 

@@ -4,6 +4,7 @@ warm-started) and the prompt rows (data files or the built-in task), checked and
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,13 @@ from orchestration.data.prompts import (
     load_rows,
 )
 from orchestration.data.tasks import make_rows, write_jsonl
+from orchestration.data.warm_start import WarmStartConfig, WarmStartError, warm_start, with_shortcuts
 
 
 def prepare_model(cfg: TrainConf) -> str:
     """The policy's HF directory: the configured path, or the tiny model built (once) from the config; then,
     when model.warm_start_steps > 0, the supervised warm-start of it (trained once, cached by a hash)."""
     m = cfg.model
-    seed = init_seed(cfg)
     if m.path:
         path = m.path
         if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -39,19 +40,72 @@ def prepare_model(cfg: TrainConf) -> str:
 
         path = build_tiny_model(m.tiny_dir, **tiny_model_args(cfg))
     if m.warm_start_steps > 0:
-        from orchestration.data.warm_start import WarmStartConfig, warm_start, with_shortcuts  # heavy: torch
-
-        examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, seed)
-        recipe = WarmStartConfig(
-            steps=m.warm_start_steps,
-            lr=m.warm_start_lr,
-            batch_rows=m.warm_start_batch_prompts,
-            warmup_steps=m.warm_start_warmup_steps,
-            seed=seed,
-            num_threads=m.warm_start_threads,
-        )
+        examples, recipe = warm_start_recipe(cfg)
         path = warm_start(path, examples, recipe, m.warm_start_dir)
+        if m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
+            report = Path(cfg.trainer.output_dir) / WARM_START_CHECK_FILE
+            check_warm_start(path, synthetic_rows(cfg)[1], m.warm_start_min_chain_accuracy, report)
     return str(path)
+
+
+WARM_START_CHECK_FILE = "warm_start_check.json"  # in the run's output directory
+
+
+def check_warm_start(model_dir: str | Path, held_out: list[dict], bar: float, report_path: Path) -> dict[str, Any]:
+    """Measure a warm-started tiny model on the built-in task's held-out rows (teacher-forced, greedy:
+    warm_start_eval.teacher_forced_report), write the report with the bar and the verdict to `report_path`,
+    print one line, and raise WarmStartError when fewer than `bar` of the worked chains come out right in full.
+    Returns the report."""
+    import torch  # heavy: torch and transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestration.data.warm_start_eval import teacher_forced_report
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    report = teacher_forced_report(model, tokenizer, held_out)
+    report |= {"model_dir": str(model_dir), "problems": len(held_out), "bar": bar}
+    report["passed"] = report["chain_exact"] >= bar
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=1))
+    chains, ops, sums = report["chain_exact"], report["operation_lines"], report["result_accuracy"]
+    print(
+        f"warm-start check: on {len(held_out)} held-out problems the warm-started model writes the worked chain "
+        f"right in full for {100 * chains:.1f}% (bar {100 * bar:.0f}%); its lines follow the prompt's operation "
+        f"{100 * ops:.1f}% of the time, its arithmetic is right {100 * sums:.1f}% of the time (next-token, "
+        "teacher-forced)",
+        flush=True,
+    )
+    if chains < bar:
+        habit = (
+            "it has not learned to find the next operation in the prompt (the failed warm-start's pattern)"
+            if ops < 0.5
+            else "its lines follow the prompt, but too few chains come out right"
+        )
+        raise WarmStartError(
+            f"warm-start failed: {model_dir} writes a fully right worked chain for {100 * chains:.1f}% of the "
+            f"held-out problems, below model.warm_start_min_chain_accuracy={bar}: {habit}. RL from such a model "
+            "learns little or nothing, so the run stops before RL. Change the warm-start recipe "
+            "(model.warm_start_*; docs/warm_start.md), or set model.warm_start_min_chain_accuracy=0 to train on "
+            "it anyway."
+        )
+    return report
+
+
+def warm_start_recipe(cfg: TrainConf) -> tuple[list[tuple[list[dict], str]], WarmStartConfig]:
+    """The warm-start's (prompt messages, target) pairs, shortcuts included, and its recipe (model.warm_start_*)."""
+
+    m, seed = cfg.model, init_seed(cfg)
+    examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, seed)
+    recipe = WarmStartConfig(
+        steps=m.warm_start_steps,
+        lr=m.warm_start_lr,
+        batch_rows=m.warm_start_batch_prompts,
+        warmup_steps=m.warm_start_warmup_steps,
+        seed=seed,
+        num_threads=m.warm_start_threads,
+    )
+    return examples, recipe
 
 
 def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:

@@ -11,10 +11,11 @@ output directory (outputs/demo, or outputs/demo_<algorithm> for another algorith
     wandb/         the offline wandb run (written by the trainer; `wandb sync` uploads it)
 
 The default task and schedule (conf/config.yaml, conf/model/tiny.yaml, conf/data/synthetic.yaml): left-to-right
-arithmetic with 3-4 operations ("Compute left to right: 7 +3 -2 *3 -9", orchestration/data/tasks.py); a 1200-step
-warm-start (~6 min, cached) whose targets are the worked chain for half of the problems and the bare answer
-line for the other half (model.warm_start_shortcut_frac), so the model starts with two habits; 60 RL steps of
-16 prompts × 8 samples (~1.8-2.0 s each on 2 cores). On this task reasoning first pays, and RL learns it: the
+arithmetic with 3-4 operations ("Compute left to right: 7 +3 -2 *3 -9", orchestration/data/tasks.py); a 1600-step
+warm-start (~7 min, cached) whose targets are the worked chain for half of the problems and the bare answer
+line for the other half (model.warm_start_shortcut_frac), so the model starts with two habits, checked before RL
+(a failed warm-start stops the demo with a message: docs/warm_start.md); 60 RL steps of 16 prompts × 8 samples
+(~1.8-2.0 s each on 2 cores). On this task reasoning first pays, and RL learns it: the
 share of answer-first responses falls, responses grow longer and held-out accuracy rises (measured numbers,
 FIPO against DAPO over three seeds, in docs/demo.md). summary.json carries, besides accuracy, the initial and
 final answer-first share and the accuracy of each habit.
@@ -40,6 +41,7 @@ from orchestration.cluster.env import use_local_defaults
 from orchestration.config.schema import register_configs, to_object
 from orchestration.errors import clean_exit
 from orchestration.evaluation import EVAL_METRIC_KEYS
+from orchestration.inputs import WARM_START_CHECK_FILE
 from tools.plot import last_eval_row, read_metrics
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -95,8 +97,12 @@ def run_demo(overrides: Sequence[str]) -> dict:
     train(cfg)
     wall = time.monotonic() - start
     rows = read_metrics(out)
-    summary_path = out / "summary.json"
+    summary_path, check_path = out / "summary.json", out / WARM_START_CHECK_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if check_path.is_file():  # the warm-start's check before RL (orchestration.inputs.check_warm_start)
+        check = json.loads(check_path.read_text())
+        keys = ("chain_exact", "operation_lines", "result_accuracy", "bar")
+        summary["warm_start_check"] = {key: check[key] for key in keys}
     summary |= {
         "algorithm": cfg.algorithm.name,
         "steps": len(rows),

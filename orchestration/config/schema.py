@@ -173,6 +173,11 @@ class ModelConf:
     model (docs/fipo_vs_dapo.md measures how much). Part of the cache key."""
     warm_start_dir: str = "outputs/models/warm_start"
     """Warm-start cache: one sub-directory per hash of (base model files, training texts, recipe)."""
+    warm_start_min_chain_accuracy: float = 0.0
+    """Warm-start check (tiny model on the built-in task): the least share of held-out problems whose worked
+    chain the warm-started model writes right in full, greedily (orchestration.data.warm_start_eval); below it
+    the run stops before RL with a message saying what failed (a failed warm-start, from which RL learns
+    nothing). 0 = no check."""
     init_seed: int | None = None
     """Seed of the tiny model's random init and of the warm-start (batch order, shortcut targets); null = the
     run's `seed`. Fix it to start every seed of a study from the same model (one cached warm-start), so that
@@ -193,6 +198,9 @@ class ModelConf:
         _non_negative(self.warm_start_warmup_steps, "model.warm_start_warmup_steps")
         _positive(self.warm_start_threads, "model.warm_start_threads")
         _check(0.0 <= self.warm_start_shortcut_frac <= 1.0, "model.warm_start_shortcut_frac", "must be in [0, 1]")
+        _check(
+            0.0 <= self.warm_start_min_chain_accuracy <= 1.0, "model.warm_start_min_chain_accuracy", "must be in [0, 1]"
+        )
         _check(self.init_seed is None or self.init_seed >= 0, "model.init_seed", "must be >= 0 or null")
 
 

@@ -29,14 +29,19 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ARGS_FILE = "warm_start_args.json"
 TINY_ARGS_FILE = "tiny_model_args.json"  # rollout.tiny's marker: not copied (this is no longer that model)
 _FORMAT_VERSION = 1  # bump when the training recipe below changes, so that cached directories are rebuilt
 _HASHED_FILE_BYTES = 64 * 2**20  # files up to this size are hashed by content; bigger ones by name and size
+
+
+class WarmStartError(RuntimeError):
+    """A warm-started model that failed its check before RL; the message says what it can and cannot do."""
 
 
 @dataclass(frozen=True)
@@ -142,20 +147,32 @@ def _lr_at(step: int, config: WarmStartConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_sft(model, tokenizer, examples: Sequence[tuple[Sequence[dict], str]], config: WarmStartConfig) -> list[float]:
-    """Fine-tune `model` in place; returns the loss of every optimizer step (mean over assistant tokens)."""
+def train_sft(
+    model,
+    tokenizer,
+    examples: Sequence[tuple[Sequence[dict], str]],
+    config: WarmStartConfig,
+    on_step: Callable[[int, float], bool] | None = None,
+) -> list[float]:
+    """Fine-tune `model` in place; returns the loss of every optimizer step (mean over assistant tokens).
+    `on_step(steps_done, loss)`, when given, is called after every optimizer step; True stops the training there
+    (the model is left in train mode while it runs: a callback that evaluates sets eval and back)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     try:
-        return _train_sft(model, tokenizer, examples, config)
+        return _train_sft(model, tokenizer, examples, config, on_step)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train_sft(
-    model, tokenizer, examples: Sequence[tuple[Sequence[dict], str]], config: WarmStartConfig
+    model,
+    tokenizer,
+    examples: Sequence[tuple[Sequence[dict], str]],
+    config: WarmStartConfig,
+    on_step: Callable[[int, float], bool] | None,
 ) -> list[float]:
     import torch
 
@@ -189,6 +206,8 @@ def _train_sft(
                 file=sys.stderr,
                 flush=True,
             )
+        if on_step is not None and on_step(step + 1, losses[-1]):
+            break
     model.eval()
     return losses
 
@@ -198,6 +217,7 @@ def warm_start(
     examples: Sequence[tuple[Sequence[dict], str]],
     config: WarmStartConfig,
     cache_dir: str | Path,
+    on_step: Callable[[int, float, Any], None] | None = None,
 ) -> Path:
     """The warm-started model's HF directory, `<cache_dir>/<key>` (trained once, then reused).
 
@@ -205,6 +225,9 @@ def warm_start(
     examples:   (prompt chat messages, worked solution text) pairs.
     config:     the SFT recipe.
     cache_dir:  where warm-started models are kept, one sub-directory per cache key.
+    on_step:    called as on_step(steps_done, loss, model) after every SFT step when the model is trained here
+                (not when it is found cached), e.g. to measure it (tools.warm_start_check); it must leave the
+                model and torch's RNG as they were (the cached model must not depend on it).
     """
     if not examples:
         raise ValueError("warm-start needs at least one (prompt, solution) example")
@@ -222,7 +245,13 @@ def warm_start(
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     start = time.monotonic()
-    losses = train_sft(model, tokenizer, examples, config)
+
+    def hook(step: int, loss: float) -> bool:  # measures only: never stops (the key promises every step)
+        if on_step is not None:
+            on_step(step, loss, model)
+        return False
+
+    losses = train_sft(model, tokenizer, examples, config, hook)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -1,0 +1,138 @@
+"""The warm-start's measurements (orchestration/data/warm_start_eval.py) and its check before RL: the bookkeeping
+of the teacher-forced report against oracles whose right and wrong tokens are known, a measurement that does not
+change the training it runs inside, and a failed warm-start stopping the demo in plain words, before Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from orchestration.data.tasks import make_rows
+from orchestration.data.warm_start_eval import chain_roles, teacher_forced_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from rollout.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+def test_roles_of_a_chain_by_hand():
+    roles = chain_roles("7+3=10\n10*2=20\nAnswer: 20")
+    expected = (
+        [("copy", 1)] + [("operation", 1)] * 3 + [("result", 1)] * 3  # 7 | +3= | 10\n
+        + [("copy", 2)] * 2 + [("operation", 2)] * 3 + [("result", 2)] * 3  # 10 | *2= | 20\n
+        + [("format", 0)] * 8 + [("answer", 0)] * 2  # "Answer: " | 20
+    )  # fmt: skip
+    assert roles == expected
+    assert chain_roles("Answer: 20") is None and chain_roles("7+3-2=8\nAnswer: 8") is None
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in "model" that predicts each next token of its input right, except the operand digit of line
+    `wrong_line` (1-based) of the response, which it predicts as the next digit: the bookkeeping's golden case."""
+
+    def __init__(self, tokenizer, wrong_line=None):
+        super().__init__()
+        self.tok, self.wrong_line = tokenizer, wrong_line
+
+    def forward(self, input_ids, attention_mask):
+        vocab = len(self.tok)
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong_line is not None:
+            marker = self.tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+            for row in range(input_ids.shape[0]):
+                ids = input_ids[row].tolist()
+                start = max(i for i in range(len(ids)) if ids[i : i + len(marker)] == marker) + len(marker)
+                text = self.tok.decode(ids[start:], skip_special_tokens=True)
+                line_start = sum(len(line) + 1 for line in text.split("\n")[: self.wrong_line - 1])
+                line = text.split("\n")[self.wrong_line - 1]
+                operand = line_start + next(i for i, c in enumerate(line) if c in "+-*") + 1
+                digit = int(text[operand])
+                nxt[row, start + operand - 1] = ord(str(digit % 9 + 1))  # predicted at the position before it
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, vocab).float())
+
+
+def test_report_of_an_oracle_and_of_one_that_misses_line_2s_operation(tokenizer):
+    _, rows = make_rows(0, 12, seed=3, min_steps=3, max_steps=5)
+    perfect = teacher_forced_report(Oracle(tokenizer), tokenizer, rows, batch_size=5)
+    assert perfect["chain_exact"] == 1.0 and perfect["operation_lines"] == 1.0
+    assert all(perfect[f"{role}_accuracy"] == 1.0 for role in ("copy", "operation", "result", "answer"))
+    assert perfect["operation_by_line"] == [1.0] * 5
+
+    missed = teacher_forced_report(Oracle(tokenizer, wrong_line=2), tokenizer, rows, batch_size=5)
+    lines = [len(r["extra_info"]["solution"].split("\n")) - 1 for r in rows]  # operations per problem
+    assert missed["operation_by_line"] == [1.0, 0.0, 1.0, 1.0, 1.0]
+    assert missed["chain_exact"] == 0.0
+    assert missed["operation_lines"] == pytest.approx(1 - len(rows) / sum(lines), abs=1e-12)
+    # each line's operation is 3 characters ("<op>b="), one of them wrong per problem
+    assert missed["operation_accuracy"] == pytest.approx(1 - len(rows) / (3 * sum(lines)), abs=1e-12)
+    assert missed["result_accuracy"] == 1.0 and missed["copy_accuracy"] == 1.0
+
+
+def test_a_measurement_inside_the_warm_start_leaves_it_unchanged(tiny, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from orchestration.data.warm_start import WarmStartConfig, warm_start
+    from orchestration.data.warm_start_eval import sampled_report
+
+    train, held_out = make_rows(32, 4, seed=0)
+    examples = [(r["prompt"], r["extra_info"]["solution"]) for r in train]
+    config = WarmStartConfig(steps=6, batch_rows=4, warmup_steps=1)
+    reports = []
+
+    def measure(step, loss, model):
+        reports.append(sampled_report(model, tokenizer, held_out, samples=2, temperature=1.0, top_p=0.7,
+                                      max_tokens=8, seed=step))  # fmt: skip
+        model.train()
+
+    measured = warm_start(tiny, examples, config, tmp_path / "measured", measure)
+    plain = warm_start(tiny, examples, config, tmp_path / "plain")
+    assert len(reports) == 6 and all(0.0 <= r["accuracy"] <= 1.0 for r in reports)
+    a, b = load_file(measured / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "sampling inside the warm-start changed the trained weights"
+
+
+def test_a_failed_warm_start_stops_the_demo_before_rl_in_plain_words(tmp_path):
+    # 2 SFT steps cannot teach the chains: the check (model.warm_start_min_chain_accuracy, set by conf/model/tiny.yaml)
+    # must stop the demo with one error line, before Ray starts, the warm-start kept in its cache.
+    overrides = [
+        f"trainer.output_dir={tmp_path / 'demo'}",
+        f"model.tiny_dir={tmp_path / 'tiny'}",
+        f"model.warm_start_dir={tmp_path / 'warm'}",
+        "model.tiny_hidden_size=32",
+        "model.tiny_layers=1",
+        "model.tiny_heads=1",
+        "model.tiny_kv_heads=1",
+        "model.tiny_intermediate_size=64",
+        "model.warm_start_steps=2",
+        "model.warm_start_warmup_steps=1",
+        "data.synthetic_train_prompts=64",
+        "data.synthetic_val_prompts=20",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "tools.demo", *overrides], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "warm-start failed" in errors[0] and "model.warm_start_min_chain_accuracy" in errors[0]
+    assert "warm-start check: on 20 held-out problems" in proc.stdout
+    assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+    cached = [p for p in (tmp_path / "warm").iterdir() if (p / "warm_start_args.json").is_file()]
+    assert len(cached) == 1 and json.loads((cached[0] / "warm_start_args.json").read_text())["config"]["steps"] == 2
