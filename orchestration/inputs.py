@@ -42,9 +42,12 @@ def prepare_model(cfg: TrainConf) -> str:
     if m.warm_start_steps > 0:
         examples, recipe = warm_start_recipe(cfg)
         path = warm_start(path, examples, recipe, m.warm_start_dir)
-        if m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
+        held_out = [] if m.path or cfg.data.train_files else synthetic_rows(cfg)[1]
+        if m.warm_start_min_chain_accuracy > 0 and held_out:
             report = Path(cfg.trainer.output_dir) / WARM_START_CHECK_FILE
-            check_warm_start(path, synthetic_rows(cfg)[1], m.warm_start_min_chain_accuracy, report)
+            check_warm_start(path, held_out, m.warm_start_min_chain_accuracy, report)
+        elif m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
+            print("warm-start check: skipped, no held-out problems (data.synthetic_val_prompts=0)", flush=True)
     return str(path)
 
 
@@ -80,7 +83,8 @@ def check_warm_start(model_dir: str | Path, held_out: list[dict], bar: float, re
         habit = (
             "it has not learned to find the next operation in the prompt (the failed warm-start's pattern)"
             if ops < 0.5
-            else "its lines follow the prompt, but too few chains come out right"
+            else f"its lines follow the prompt's operations ({100 * ops:.0f}%), but its arithmetic is right only "
+            f"{100 * sums:.1f}% of the time, too little for whole chains (train it longer: model.warm_start_steps)"
         )
         raise WarmStartError(
             f"warm-start failed: {model_dir} writes a fully right worked chain for {100 * chains:.1f}% of the "
@@ -94,7 +98,6 @@ def check_warm_start(model_dir: str | Path, held_out: list[dict], bar: float, re
 
 def warm_start_recipe(cfg: TrainConf) -> tuple[list[tuple[list[dict], str]], WarmStartConfig]:
     """The warm-start's (prompt messages, target) pairs, shortcuts included, and its recipe (model.warm_start_*)."""
-
     m, seed = cfg.model, init_seed(cfg)
     examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, seed)
     recipe = WarmStartConfig(

@@ -136,3 +136,22 @@ def test_a_failed_warm_start_stops_the_demo_before_rl_in_plain_words(tmp_path):
     assert not (tmp_path / "demo" / "metrics.jsonl").exists()
     cached = [p for p in (tmp_path / "warm").iterdir() if (p / "warm_start_args.json").is_file()]
     assert len(cached) == 1 and json.loads((cached[0] / "warm_start_args.json").read_text())["config"]["steps"] == 2
+
+
+def test_without_held_out_problems_the_check_is_skipped_and_said(tmp_path, capsys):
+    from orchestration.config.schema import register_configs, to_object
+    from orchestration.inputs import prepare_model
+
+    register_configs()
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"trainer.output_dir={tmp_path / 'run'}", f"model.tiny_dir={tmp_path / 'tiny'}",
+                 f"model.warm_start_dir={tmp_path / 'warm'}", "model.tiny_hidden_size=32", "model.tiny_layers=1",
+                 "model.tiny_heads=1", "model.tiny_kv_heads=1", "model.tiny_intermediate_size=64",
+                 "model.warm_start_steps=2", "model.warm_start_warmup_steps=1", "data.synthetic_train_prompts=16",
+                 "data.synthetic_val_prompts=0"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_object(compose("config", overrides=overrides))
+    assert (Path(prepare_model(cfg)) / "warm_start_args.json").is_file()  # a 2-step warm-start, not stopped
+    assert "warm-start check: skipped, no held-out problems" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "warm_start_check.json").exists()
