@@ -42,12 +42,13 @@ def prepare_model(cfg: TrainConf) -> str:
     if m.warm_start_steps > 0:
         examples, recipe = warm_start_recipe(cfg)
         path = warm_start(path, examples, recipe, m.warm_start_dir)
-        held_out = [] if m.path or cfg.data.train_files else synthetic_rows(cfg)[1]
-        if m.warm_start_min_chain_accuracy > 0 and held_out:
-            report = Path(cfg.trainer.output_dir) / WARM_START_CHECK_FILE
-            check_warm_start(path, held_out, m.warm_start_min_chain_accuracy, report)
-        elif m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
-            print("warm-start check: skipped, no held-out problems (data.synthetic_val_prompts=0)", flush=True)
+        if m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
+            held_out = synthetic_rows(cfg)[1]
+            if held_out:
+                report = Path(cfg.trainer.output_dir) / WARM_START_CHECK_FILE
+                check_warm_start(path, held_out, m.warm_start_min_chain_accuracy, report)
+            else:
+                print("warm-start check: skipped, no held-out problems (data.synthetic_val_prompts=0)", flush=True)
     return str(path)
 
 

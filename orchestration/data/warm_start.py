@@ -152,11 +152,11 @@ def train_sft(
     tokenizer,
     examples: Sequence[tuple[Sequence[dict], str]],
     config: WarmStartConfig,
-    on_step: Callable[[int, float], bool] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Fine-tune `model` in place; returns the loss of every optimizer step (mean over assistant tokens).
-    `on_step(steps_done, loss)`, when given, is called after every optimizer step; True stops the training there
-    (the model is left in train mode while it runs: a callback that evaluates sets eval and back)."""
+    `on_step(steps_done, loss)`, when given, is called after every optimizer step (the model is in train mode
+    then: a callback that evaluates sets eval and back)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -172,7 +172,7 @@ def _train_sft(
     tokenizer,
     examples: Sequence[tuple[Sequence[dict], str]],
     config: WarmStartConfig,
-    on_step: Callable[[int, float], bool] | None,
+    on_step: Callable[[int, float], None] | None,
 ) -> list[float]:
     import torch
 
@@ -206,8 +206,8 @@ def _train_sft(
                 file=sys.stderr,
                 flush=True,
             )
-        if on_step is not None and on_step(step + 1, losses[-1]):
-            break
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     model.eval()
     return losses
 
@@ -245,12 +245,7 @@ def warm_start(
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     start = time.monotonic()
-
-    def hook(step: int, loss: float) -> bool:  # measures only: never stops (the key promises every step)
-        if on_step is not None:
-            on_step(step, loss, model)
-        return False
-
+    hook = None if on_step is None else lambda step, loss: on_step(step, loss, model)
     losses = train_sft(model, tokenizer, examples, config, hook)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

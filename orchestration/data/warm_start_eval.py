@@ -81,11 +81,10 @@ def teacher_forced_report(model, tokenizer, rows: Sequence[dict], batch_size: in
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         encoded = encode_examples(tokenizer, [example for example, _ in chunk])
-        chunk_solutions = [solution for (_, solution), _ in chunk]
         input_ids, attention_mask, _ = collate(encoded, tokenizer.pad_token_id)
         with torch.no_grad():
             predicted = model(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
-        for row, ((ids, prompt_len), (_, roles)) in enumerate(zip(encoded, chunk)):
+        for row, ((ids, prompt_len), ((_, solution), roles)) in enumerate(zip(encoded, chunk)):
             # the token at position p is predicted at p - 1; the solution's characters are ids[prompt_len:][:len]
             right = [predicted[row, prompt_len + i - 1].item() == ids[prompt_len + i] for i in range(len(roles))]
             exact += all(right[1:])
@@ -101,7 +100,7 @@ def teacher_forced_report(model, tokenizer, rows: Sequence[dict], batch_size: in
                 by_line.setdefault(line, [0, 0])
                 by_line[line][0] += ok
                 by_line[line][1] += 1
-            ops = [m.group(2) for m in _LINE_RE.finditer(chunk_solutions[row])]
+            ops = [m.group(2) for m in _LINE_RE.finditer(solution)]
             for line in range(2, len(ops) + 1):  # is the previous line's operation a unique key into the prompt?
                 kind = "repeated" if ops.count(ops[line - 2]) > 1 else "unique"
                 after[kind][0] += line_ok[line]
