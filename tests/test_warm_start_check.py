@@ -155,3 +155,10 @@ def test_without_held_out_problems_the_check_is_skipped_and_said(tmp_path, capsy
     assert (Path(prepare_model(cfg)) / "warm_start_args.json").is_file()  # a 2-step warm-start, not stopped
     assert "warm-start check: skipped, no held-out problems" in capsys.readouterr().out
     assert not (tmp_path / "run" / "warm_start_check.json").exists()
+
+
+def test_a_held_out_row_that_is_not_a_stepwise_chain_is_named(tokenizer):
+    _, rows = make_rows(0, 3, seed=1)
+    rows[1]["extra_info"]["solution"] = "7+3-2=8\nAnswer: 8"  # a free_chain "at once" line, not one per operation
+    with pytest.raises(ValueError, match=r"held-out row 1: not a stepwise chain: '7\+3-2=8\\nAnswer: 8'"):
+        teacher_forced_report(Oracle(tokenizer), tokenizer, rows)
