@@ -4,6 +4,7 @@ warm-started) and the prompt rows (data files or the built-in task), checked and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -40,8 +41,8 @@ def prepare_model(cfg: TrainConf) -> str:
 
         path = build_tiny_model(m.tiny_dir, **tiny_model_args(cfg))
     if m.warm_start_steps > 0:
-        examples, recipe = warm_start_recipe(cfg)
-        path = warm_start(path, examples, recipe, m.warm_start_dir)
+        for examples, recipe in warm_start_stages(cfg):  # each stage starts from the last one's (cached) result
+            path = warm_start(path, examples, recipe, m.warm_start_dir)
         if m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
             held_out = synthetic_rows(cfg)[1]
             if held_out:
@@ -97,8 +98,11 @@ def check_warm_start(model_dir: str | Path, held_out: list[dict], bar: float, re
     return report
 
 
-def warm_start_recipe(cfg: TrainConf) -> tuple[list[tuple[list[dict], str]], WarmStartConfig]:
-    """The warm-start's (prompt messages, target) pairs, shortcuts included, and its recipe (model.warm_start_*)."""
+def warm_start_stages(cfg: TrainConf) -> list[tuple[list[tuple[list[dict], str]], WarmStartConfig]]:
+    """The warm-start's stages, in order, each (prompt messages, target) pairs and a recipe (model.warm_start_*):
+    with model.warm_start_stepwise_steps > 0 first that many steps on the training problems' stepwise chains
+    (the built-in task only; no shortcuts), then model.warm_start_steps on the training rows' solutions,
+    shortcuts included. Each stage has its own lr warm-up and decay."""
     m, seed = cfg.model, init_seed(cfg)
     examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, seed)
     recipe = WarmStartConfig(
@@ -109,11 +113,20 @@ def warm_start_recipe(cfg: TrainConf) -> tuple[list[tuple[list[dict], str]], War
         seed=seed,
         num_threads=m.warm_start_threads,
     )
-    return examples, recipe
+    if m.warm_start_stepwise_steps == 0:
+        return [(examples, recipe)]
+    if cfg.data.train_files:
+        raise ConfigError(
+            "model.warm_start_stepwise_steps: the stepwise stage needs the built-in task (data.train_files is set); "
+            "set it to 0"
+        )
+    stepwise = [(r["prompt"], r["extra_info"]["solution"]) for r in synthetic_rows(cfg, task="chain")[0]]
+    return [(stepwise, dataclasses.replace(recipe, steps=m.warm_start_stepwise_steps)), (examples, recipe)]
 
 
-def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
-    """The built-in task's (train, val) rows in the verl schema, as data.synthetic_* and the seed define them."""
+def synthetic_rows(cfg: TrainConf, task: str | None = None) -> tuple[list[dict], list[dict]]:
+    """The built-in task's (train, val) rows in the verl schema, as data.synthetic_* and the seed define them;
+    `task` overrides data.synthetic_task (the problems are the same, their solutions written as that task's)."""
     d = cfg.data
     return make_rows(
         d.synthetic_train_prompts,
@@ -122,7 +135,7 @@ def synthetic_rows(cfg: TrainConf) -> tuple[list[dict], list[dict]]:
         min_steps=d.synthetic_min_steps,
         max_steps=d.synthetic_max_steps,
         max_value=d.synthetic_max_value,
-        task=d.synthetic_task,
+        task=task or d.synthetic_task,
         habit_mix=d.synthetic_habit_mix,
     )
 

@@ -139,19 +139,14 @@ def test_a_failed_warm_start_stops_the_demo_before_rl_in_plain_words(tmp_path):
 
 
 def test_without_held_out_problems_the_check_is_skipped_and_said(tmp_path, capsys):
-    from orchestration.config.schema import register_configs, to_object
     from orchestration.inputs import prepare_model
-
-    register_configs()
-    from hydra import compose, initialize_config_dir
 
     overrides = [f"trainer.output_dir={tmp_path / 'run'}", f"model.tiny_dir={tmp_path / 'tiny'}",
                  f"model.warm_start_dir={tmp_path / 'warm'}", "model.tiny_hidden_size=32", "model.tiny_layers=1",
                  "model.tiny_heads=1", "model.tiny_kv_heads=1", "model.tiny_intermediate_size=64",
                  "model.warm_start_steps=2", "model.warm_start_warmup_steps=1", "data.synthetic_train_prompts=16",
                  "data.synthetic_val_prompts=0"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_object(compose("config", overrides=overrides))
+    cfg = _compose(overrides)
     assert (Path(prepare_model(cfg)) / "warm_start_args.json").is_file()  # a 2-step warm-start, not stopped
     assert "warm-start check: skipped, no held-out problems" in capsys.readouterr().out
     assert not (tmp_path / "run" / "warm_start_check.json").exists()
@@ -162,3 +157,62 @@ def test_a_held_out_row_that_is_not_a_stepwise_chain_is_named(tokenizer):
     rows[1]["extra_info"]["solution"] = "7+3-2=8\nAnswer: 8"  # a free_chain "at once" line, not one per operation
     with pytest.raises(ValueError, match=r"held-out row 1: not a stepwise chain: '7\+3-2=8\\nAnswer: 8'"):
         teacher_forced_report(Oracle(tokenizer), tokenizer, rows)
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from orchestration.config.schema import register_configs, to_object
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_object(compose("config", overrides=overrides))
+
+
+def _left_to_right(prompt: str) -> list[int]:
+    """The chain's values computed from the prompt text alone (independent of orchestration.data.tasks)."""
+    start, *steps = prompt.split(": ", 1)[1].split()
+    values = [int(start)]
+    for step in steps:
+        op, operand = step[0], int(step[1:])
+        values.append({"+": values[-1] + operand, "-": values[-1] - operand, "*": values[-1] * operand}[op])
+    return values
+
+
+def test_the_stepwise_stage_trains_first_on_the_same_problems_then_the_mixed_habits(tmp_path):
+    from orchestration.data.tasks import habit_of
+    from orchestration.inputs import prepare_model, warm_start_stages
+
+    cfg = _compose(["experiment=study_length", f"trainer.output_dir={tmp_path / 'run'}",
+                    f"model.tiny_dir={tmp_path / 'tiny'}", f"model.warm_start_dir={tmp_path / 'warm'}",
+                    "model.tiny_hidden_size=32", "model.tiny_layers=1", "model.tiny_heads=1", "model.tiny_kv_heads=1",
+                    "model.tiny_intermediate_size=64", "model.warm_start_stepwise_steps=3", "model.warm_start_steps=2",
+                    "model.warm_start_warmup_steps=1", "model.warm_start_min_chain_accuracy=0",
+                    "data.synthetic_train_prompts=40", "data.synthetic_val_prompts=4"])  # fmt: skip
+    (stepwise, first), (mixed, second) = warm_start_stages(cfg)
+    assert (first.steps, second.steps) == (3, 2)
+    assert [m for m, _ in stepwise] == [m for m, _ in mixed]  # the same problems, in the same order
+    for messages, target in stepwise:  # every operation on its own line, each line right, then the answer
+        values = _left_to_right(messages[-1]["content"])
+        lines = target.splitlines()
+        assert habit_of(target) == "stepwise" and len(lines) == len(values)
+        assert [int(line.rsplit("=", 1)[1]) for line in lines[:-1]] == values[1:]
+        assert lines[-1] == f"Answer: {values[-1]}"
+    assert {habit_of(t) for _, t in mixed} - {"stepwise"}  # the second stage keeps the study's habit mix
+    final = Path(prepare_model(cfg))
+    stage_one = Path(json.loads((final / "warm_start_args.json").read_text())["base_model"])
+    assert stage_one.parent == tmp_path / "warm" and stage_one != final  # the second stage starts from the first
+    assert json.loads((stage_one / "warm_start_args.json").read_text())["config"]["steps"] == 3
+
+
+def test_the_stepwise_stage_on_a_dataset_is_a_config_error(tmp_path):
+    from orchestration.config.errors import ConfigError
+    from orchestration.inputs import warm_start_stages
+
+    rows = tmp_path / "train.jsonl"
+    row = {"prompt": [{"role": "user", "content": "1+1?"}], "data_source": "x",
+           "reward_model": {"ground_truth": "2"}, "extra_info": {"solution": "Answer: 2"}}  # fmt: skip
+    rows.write_text(json.dumps(row) + "\n")
+    cfg = _compose([f"data.train_files=[{rows}]", "model.warm_start_steps=2", "model.warm_start_stepwise_steps=2"])
+    with pytest.raises(ConfigError, match="model.warm_start_stepwise_steps"):
+        warm_start_stages(cfg)

@@ -1,7 +1,7 @@
 """Follow one warm-start step by step: `python -m tools.warm_start_check [hydra overrides] [--every N]`.
 
 Builds the tiny model and warm-starts it exactly as a run with the same overrides would
-(`orchestration.inputs.warm_start_recipe`, `orchestration.data.warm_start.warm_start`: the result lands in the
+(`orchestration.inputs.warm_start_stages`, `orchestration.data.warm_start.warm_start`: the result lands in the
 same cache, so a run with these overrides then starts from it), and every `--every` SFT steps measures it on the
 held-out problems (`orchestration.data.warm_start_eval`, which leaves the training untouched): next-token
 accuracy on the worked chains by role (copy / operation / result / answer; "operation" is whether the model
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> dict:
     from orchestration.config.components import init_seed, tiny_model_args
     from orchestration.data.warm_start import ARGS_FILE, warm_start
     from orchestration.data.warm_start_eval import sampled_report, teacher_forced_report
-    from orchestration.inputs import synthetic_rows, warm_start_recipe
+    from orchestration.inputs import synthetic_rows, warm_start_stages
     from rollout.tiny import build_tiny_model
 
     cfg = compose_config(overrides)
@@ -53,10 +53,11 @@ def main(argv: list[str]) -> dict:
     if m.path or cfg.data.train_files or m.warm_start_steps == 0:
         raise SystemExit("error: tools.warm_start_check measures the tiny model's warm-start on the built-in task")
     base = build_tiny_model(m.tiny_dir, **tiny_model_args(cfg))
-    examples, recipe = warm_start_recipe(cfg)
+    stages = warm_start_stages(cfg)
     held_out = synthetic_rows(cfg)[1][: args.problems]
     tokenizer = AutoTokenizer.from_pretrained(base)
-    record: dict = {"overrides": overrides, "init_seed": init_seed(cfg), "recipe": asdict(recipe), "measurements": []}
+    recipes = [asdict(recipe) for _, recipe in stages]
+    record: dict = {"overrides": overrides, "init_seed": init_seed(cfg), "recipes": recipes, "measurements": []}
     losses: list[float] = []
     start = time.monotonic()
 
@@ -76,16 +77,21 @@ def main(argv: list[str]) -> dict:
         record["measurements"].append(row)
         print(_line(row), flush=True)
 
-    def on_step(step: int, loss: float, model) -> None:
-        losses.append(loss)
-        if step % args.every == 0 or step == recipe.steps:
-            measure(step, loss, model)
-            model.train()
+    path, done = base, 0  # done: SFT steps of the stages before this one (steps count on across stages)
+    for examples, recipe in stages:
 
-    path = warm_start(base, examples, recipe, m.warm_start_dir, on_step)
-    if not record["measurements"]:  # found cached
-        final_loss = json.loads((path / ARGS_FILE).read_text())["final_loss"]
-        measure(recipe.steps, final_loss, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        def on_step(step: int, loss: float, model, done=done, last=recipe.steps) -> None:
+            losses.append(loss)
+            if (done + step) % args.every == 0 or step == last:
+                measure(done + step, loss, model)
+                model.train()
+
+        measured = len(record["measurements"])
+        path = warm_start(path, examples, recipe, m.warm_start_dir, on_step)
+        done += recipe.steps
+        if len(record["measurements"]) == measured:  # found cached
+            final_loss = json.loads((path / ARGS_FILE).read_text())["final_loss"]
+            measure(done, final_loss, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     record |= {"model_dir": str(path), "losses": losses, "seconds": time.monotonic() - start}
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,11 @@ class ModelConf:
     warm_start_steps: int = 0
     """Supervised warm-start (orchestration/data/warm_start.py) before RL: SFT optimizer steps on the training
     rows' worked solutions (`extra_info.solution`); 0 = off. Cached in warm_start_dir."""
+    warm_start_stepwise_steps: int = 0
+    """Warm-start curriculum (built-in task only): SFT steps on the training problems' stepwise chains (one
+    operation per line, no shortcut targets) before the warm_start_steps on the rows' own solutions; 0 = none.
+    For free_chain, whose mixed-habit targets give few lines to learn the k-th-operation lookup from
+    (docs/warm_start.md). A stage of its own: its own lr warm-up and decay, its own cache entry."""
     warm_start_lr: float = 3e-3
     """Warm-start: peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     warm_start_batch_prompts: int = 32
@@ -193,6 +198,7 @@ class ModelConf:
             f"{self.tiny_heads}, {self.tiny_kv_heads}",
         )
         _non_negative(self.warm_start_steps, "model.warm_start_steps")
+        _non_negative(self.warm_start_stepwise_steps, "model.warm_start_stepwise_steps")
         _positive(self.warm_start_lr, "model.warm_start_lr")
         _positive(self.warm_start_batch_prompts, "model.warm_start_batch_prompts")
         _non_negative(self.warm_start_warmup_steps, "model.warm_start_warmup_steps")

@@ -32,9 +32,10 @@ Two task families (`data.synthetic_task`), on the same problems (the same seed g
 
   A one-operation line is an easy fact (as in `chain`); a line of several operations is a composition that a
   small model cannot do in one pass, so the design means the more of the chain is written out, the more often
-  the answer is right. Whether a warm-started model shows it is measured before RL (eval/initial_habit/*): the
-  first recipe tried (conf/experiment/study_length.yaml, 1000 SFT steps, init_seed 0) did not, its stepwise
-  chains were right 7% of the time (it had not learned to find the k-th operation in the prompt). Each training
+  the answer is right. Whether a warm-started model shows it is measured before RL (eval/initial_habit/*): an
+  SFT on the mixed habits alone did not (stepwise chains right 7-19%: it had not learned to find the k-th
+  operation in the prompt); conf/experiment/study_length.yaml's recipe trains on the stepwise chains first
+  (model.warm_start_stepwise_steps, docs/warm_start.md). Each training
   row's solution (`extra_info.solution`, the warm-start's target) has its habit drawn with
   the data seed from `data.synthetic_habit_mix` and, when partial, L uniform in 1..n-2
   (`extra_info.lines_written`), so the warm-started policy starts with a mix of lengths and RL decides how much
