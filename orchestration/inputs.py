@@ -37,9 +37,9 @@ def prepare_model(cfg: TrainConf) -> str:
                 "download the model first and point model.path at it"
             )
     else:
-        from rollout.tiny import build_tiny_model  # heavy: torch and transformers
+        from rollout.tiny import build_tiny_model_in  # heavy: torch and transformers
 
-        path = build_tiny_model(m.tiny_dir, **tiny_model_args(cfg))
+        path = build_tiny_model_in(m.tiny_dir, **tiny_model_args(cfg))
     if m.warm_start_steps > 0:
         for examples, recipe in warm_start_stages(cfg):  # each stage starts from the last one's (cached) result
             path = warm_start(path, examples, recipe, m.warm_start_dir)

@@ -18,8 +18,11 @@ built with the same arguments is returned as is.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
+import shutil
 
 from actors.console import without_progress_bars
 
@@ -87,6 +90,15 @@ def _build_tokenizer(output_dir: pathlib.Path) -> None:
     (output_dir / "merges.txt").write_text("#version: 0.2\n")
 
 
+def build_tiny_model_in(parent: str | pathlib.Path, **kwargs) -> pathlib.Path:
+    """`build_tiny_model(parent/seed<S>-<hash of the keyword arguments>, **kwargs)`: one directory per architecture
+    and seed, so that runs of different tiny models never rebuild each other's (two runs started at once with
+    different model.init_seed values once shared one directory, and one of them trained from the other's weights).
+    The same arguments give the same directory, reused."""
+    digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+    return build_tiny_model(pathlib.Path(parent) / f"seed{kwargs.get('seed', 0)}-{digest}", **kwargs)
+
+
 def build_tiny_model(
     output_dir: str | pathlib.Path,
     *,
@@ -104,7 +116,9 @@ def build_tiny_model(
     """Write a tiny random float32 Qwen2 causal LM plus tokenizer to `output_dir` and return its path.
 
     Deterministic from the arguments (the same arguments give bit-identical weights). If `output_dir` already
-    holds a model built with the same arguments it is returned without rebuilding.
+    holds a model built with the same arguments it is returned without rebuilding. The model is written into a
+    temporary directory beside it and renamed into place, so no reader sees a half-written one; another model
+    in `output_dir` is replaced (runs that may use several tiny models at once use `build_tiny_model_in`).
 
     vLLM's CPU attention supports head sizes 32, 64, 80, 96, 112, 128, ... only (head_dim 16 fails at the
     first forward with "Unsupported CPU attention configuration"), so keep hidden_size / num_attention_heads
@@ -134,34 +148,56 @@ def build_tiny_model(
         "dtype": dtype,
         "seed": seed,
     }
-    args_path = output_dir / ARGS_FILE
-    if args_path.exists() and json.loads(args_path.read_text()) == build_args:
+    if _holds(output_dir, build_args):
         return output_dir
+    tmp = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_model(tmp, build_args)
+    if _holds(output_dir, build_args):  # built meanwhile by another process: keep that one
+        shutil.rmtree(tmp)
+        return output_dir
+    if output_dir.exists():  # another model, or one left half-written by an older version
+        shutil.rmtree(output_dir)
+    try:
+        tmp.rename(output_dir)
+    except OSError:  # another process renamed its build into place first
+        shutil.rmtree(tmp)
+        if not _holds(output_dir, build_args):
+            raise
+    return output_dir
 
+
+def _holds(output_dir: pathlib.Path, build_args: dict) -> bool:
+    """Whether `output_dir` holds a complete model built with `build_args` (ARGS_FILE is written last)."""
+    args_path = output_dir / ARGS_FILE
+    return args_path.is_file() and json.loads(args_path.read_text()) == build_args
+
+
+def _write_model(output_dir: pathlib.Path, a: dict) -> None:
+    """The model, tokenizer and ARGS_FILE of build arguments `a` into the (empty) directory `output_dir`."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    args_path.unlink(missing_ok=True)  # a half-written directory must not look complete
     config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
+        vocab_size=a["vocab_size"],
+        hidden_size=a["hidden_size"],
+        intermediate_size=a["intermediate_size"],
+        num_hidden_layers=a["num_hidden_layers"],
+        num_attention_heads=a["num_attention_heads"],
+        num_key_value_heads=a["num_key_value_heads"],
+        max_position_embeddings=a["max_position_embeddings"],
+        tie_word_embeddings=a["tie_word_embeddings"],
         bos_token_id=IM_START_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
         rope_theta=10000.0,
-        dtype=dtype,
+        dtype=a["dtype"],
     )
     generator_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+        torch.manual_seed(a["seed"])
+        model = Qwen2ForCausalLM(config).to(getattr(torch, a["dtype"]))
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config = GenerationConfig(
@@ -170,5 +206,4 @@ def build_tiny_model(
     with without_progress_bars():
         model.save_pretrained(output_dir, safe_serialization=True)
     _build_tokenizer(output_dir)
-    args_path.write_text(json.dumps(build_args, indent=1))
-    return output_dir
+    (output_dir / ARGS_FILE).write_text(json.dumps(a, indent=1))

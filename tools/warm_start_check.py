@@ -46,13 +46,13 @@ def main(argv: list[str]) -> dict:
     from orchestration.data.warm_start import ARGS_FILE, warm_start
     from orchestration.data.warm_start_eval import sampled_report, teacher_forced_report
     from orchestration.inputs import synthetic_rows, warm_start_stages
-    from rollout.tiny import build_tiny_model
+    from rollout.tiny import build_tiny_model_in
 
     cfg = compose_config(overrides)
     m, t = cfg.model, cfg.trainer
     if m.path or cfg.data.train_files or m.warm_start_steps == 0:
         raise SystemExit("error: tools.warm_start_check measures the tiny model's warm-start on the built-in task")
-    base = build_tiny_model(m.tiny_dir, **tiny_model_args(cfg))
+    base = build_tiny_model_in(m.tiny_dir, **tiny_model_args(cfg))
     stages = warm_start_stages(cfg)
     held_out = synthetic_rows(cfg)[1][: args.problems]
     tokenizer = AutoTokenizer.from_pretrained(base)

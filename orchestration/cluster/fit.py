@@ -108,9 +108,9 @@ def model_dir_for_plan(cfg, scratch: Path) -> str:
     shapes (conf/model/shapes) of a hub id, the hub's own config when online, or the tiny model (path null)."""
     path = cfg.model.path
     if path is None:
-        from rollout.tiny import build_tiny_model  # heavy: torch and transformers
+        from rollout.tiny import build_tiny_model_in  # heavy: torch and transformers
 
-        return str(build_tiny_model(cfg.model.tiny_dir, **tiny_model_args(cfg)))
+        return str(build_tiny_model_in(cfg.model.tiny_dir, **tiny_model_args(cfg)))
     if (Path(path).expanduser() / "config.json").is_file():
         return str(Path(path).expanduser())
     shipped = SHAPES_DIR / (path.replace("/", "--") + ".json")

@@ -153,7 +153,8 @@ class ModelConf:
     tiny_intermediate_size: int = 128
     """Tiny model: MLP width."""
     tiny_dir: str = "outputs/models/tiny"
-    """Where the tiny model is built (reused when it already holds the same model)."""
+    """Where the tiny model is built: one sub-directory per architecture and init seed (`seed<S>-<hash>`, reused
+    when it already holds that model), so that runs of different tiny models never rebuild each other's."""
     warm_start_steps: int = 0
     """Supervised warm-start (orchestration/data/warm_start.py) before RL: SFT optimizer steps on the training
     rows' worked solutions (`extra_info.solution`); 0 = off. Cached in warm_start_dir."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -247,7 +248,7 @@ def warm_start(
     start = time.monotonic()
     hook = None if on_step is None else lambda step, loss: on_step(step, loss, model)
     losses = train_sft(model, tokenizer, examples, config, hook)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # this process's own: two runs may train one key at once
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     for path in Path(base_model).iterdir():  # the tokenizer files as they are (vLLM rebuilds from vocab/merges)
@@ -256,5 +257,10 @@ def warm_start(
             shutil.copy2(path, tmp / path.name)
     record |= {"first_loss": losses[0], "final_loss": losses[-1], "seconds": time.monotonic() - start}
     (tmp / ARGS_FILE).write_text(json.dumps(record, indent=1))
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # the same warm-start, trained by another run at the same time, is in place already
+        shutil.rmtree(tmp)
+        if not (out / ARGS_FILE).is_file():
+            raise
     return out
