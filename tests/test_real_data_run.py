@@ -29,7 +29,8 @@ def test_a_run_on_aime_drops_the_long_prompts_names_them_and_trains_on_the_rest(
     out, tiny = tmp_path / "run", tmp_path / "tiny"
     data = [f"data.train_files=[{AIME}]", f"data.val_files=[{AIME}]", f"data.max_prompt_tokens={LIMIT}"]
     run_train(out, tiny, *data, "trainer.total_steps=2", "trainer.eval_every=2", "rollout.max_response_tokens=32")
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    (model_dir,) = tiny.glob("seed*")  # the run's one tiny model (model.tiny_dir/seed<S>-<hash>, rollout.tiny)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lines = AIME.read_text().splitlines()
     lengths = {
         f"{AIME}:{i}": len(tokenizer.apply_chat_template(json.loads(line)["prompt"], add_generation_prompt=True)
