@@ -1,6 +1,6 @@
 # One-command setup and checks. Every target installs what it needs first.
 #   make setup   create .venv/ with the CPU stack (torch CPU, vLLM CPU build, Ray, ...); idempotent
-#   make test    the whole test suite (what CI runs; ~33 min on 2 cores)
+#   make test    the whole test suite (what CI runs; ~36 min on 2 cores; the 25 slowest tests listed last)
 #   make test-fast  the inner loop: every package, without the `slow` tests (~570 tests, < 5 min on 2 cores)
 #   make lint    ruff, and the import contracts of pyproject.toml [tool.importlinter] (lint-imports)
 #   make bench   every benchmark under bench/, each printing one JSON line last
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml .ci/excludes.txt | $(UV)
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
