@@ -7,8 +7,9 @@ peak of the tensor bytes one real update allocates (`learner.memory.AllocatedPea
 recorded by torch.profiler, the CPU's counterpart of CUDA's max_memory_allocated, which is what the planner
 predicts), and, for scale, the growth of the process's peak resident set over a second update
 (`learner.memory.PeakMemory`: adds glibc's arenas and fragmentation). The optimizer state already exists: one
-update runs first. Same config, same batch (8 samples, prompts 16-64, responses tokens/8 to tokens/2 tokens,
-groups of 4), all in this process, the prediction first.
+update runs first. Same config, same batch (`--samples`, 8 by default: prompts 16-64, responses tokens/8 to
+tokens/2 tokens, groups of 4), all in this process, the prediction first. `--no-resident-set` skips the second
+update and its resident-set growth (reported as null): the test of the planner needs only the allocated peak.
 
     python -m bench.plan --shape small --tokens 2048 --packing on --logprob-chunk 0
 
@@ -56,7 +57,16 @@ def build_model(shape: str, directory: str) -> str:
     return str(path)
 
 
-def compare(model_dir: str, *, tokens: int, packing: bool, chunk: int, checkpointing: bool = False) -> dict:
+def compare(
+    model_dir: str,
+    *,
+    tokens: int,
+    packing: bool,
+    chunk: int,
+    checkpointing: bool = False,
+    samples: int = 8,
+    resident_set: bool = True,
+) -> dict:
     """Predicted and measured update growth (bytes) of one rank; see the module docstring."""
     from learner.config import LearnerConfig, OptimizerConfig
     from learner.distributed import free_port, init_distributed
@@ -66,9 +76,11 @@ def compare(model_dir: str, *, tokens: int, packing: bool, chunk: int, checkpoin
     from learner.worker import LearnerWorker
 
     vocab = json.loads((pathlib.Path(model_dir) / "config.json").read_text())["vocab_size"]
-    batch = random_batch(8, vocab_size=vocab, prompt_len=(16, 64), response_len=(tokens // 8, tokens // 2), seed=0)
+    batch = random_batch(
+        samples, vocab_size=vocab, prompt_len=(16, 64), response_len=(tokens // 8, tokens // 2), seed=0
+    )
     config = LearnerConfig(
-        model_dir=model_dir, mini_batch_samples=8, micro_batch_tokens=tokens, policy_loss="fipo",
+        model_dir=model_dir, mini_batch_samples=samples, micro_batch_tokens=tokens, policy_loss="fipo",
         logprob_chunk_tokens=chunk, packing=packing, share_prompts=False, activation_checkpointing=checkpointing,
         optimizer=OptimizerConfig(lr=1e-6),
     )  # fmt: skip
@@ -83,13 +95,16 @@ def compare(model_dir: str, *, tokens: int, packing: bool, chunk: int, checkpoin
     worker.update(batch)  # the optimizer state exists from here on, as in the plan
     with AllocatedPeak() as allocated:
         worker.update(batch)
-    with PeakMemory("cpu") as resident_set:
-        worker.update(batch)
+    rss_growth = None
+    if resident_set:
+        with PeakMemory("cpu") as peak_resident:
+            worker.update(batch)
+        rss_growth = peak_resident.bytes
     return {
         "predicted_bytes": predicted,
         "measured_bytes": allocated.bytes,
         "ratio": predicted / allocated.bytes,
-        "rss_growth_bytes": resident_set.bytes,
+        "rss_growth_bytes": rss_growth,
         "predicted_parts": plan.parts,
         "micro_batch_positions": plan.micro_batch_positions,
         "plan_s": plan_s,
@@ -103,17 +118,21 @@ def main() -> None:
     parser.add_argument("--packing", choices=("on", "off"), default="on")
     parser.add_argument("--logprob-chunk", type=int, default=0, help="tokens per LM-head chunk (0: all at once)")
     parser.add_argument("--activation-checkpointing", choices=("on", "off"), default="off")
+    parser.add_argument("--samples", type=int, default=8, help="samples of the one mini-batch (a multiple of 4)")
+    parser.add_argument("--no-resident-set", action="store_true", help="skip the resident-set update")
     parser.add_argument("--model-cache", default=os.environ.get("BENCH_MODEL_CACHE", "/tmp/bench_plan_models"))
     args = parser.parse_args()
     model_dir = build_model(args.shape, args.model_cache)
     result = compare(
         model_dir, tokens=args.tokens, packing=args.packing == "on", chunk=args.logprob_chunk,
-        checkpointing=args.activation_checkpointing == "on",
+        checkpointing=args.activation_checkpointing == "on", samples=args.samples,
+        resident_set=not args.no_resident_set,
     )  # fmt: skip
+    rss = result["rss_growth_bytes"]
     print(
         f"{args.shape}: predicted growth {result['predicted_bytes'] / 2**20:.0f} MiB, allocated "
-        f"{result['measured_bytes'] / 2**20:.0f} MiB, ratio {result['ratio']:.3f} (resident set grew "
-        f"{result['rss_growth_bytes'] / 2**20:.0f} MiB)",
+        f"{result['measured_bytes'] / 2**20:.0f} MiB, ratio {result['ratio']:.3f}"
+        + (f" (resident set grew {rss / 2**20:.0f} MiB)" if rss is not None else ""),
         flush=True,
     )
     print_result({"bench": "plan", **vars(args), **result, "commit": git_commit(), **device_info()})

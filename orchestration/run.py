@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -207,8 +208,10 @@ class Groups:
 
 def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
     """Place every bundle (bounded wait), check that the model and the output folder are where the actors will
-    run, then start the rollout engines, the scorers, the learner ranks and the advantage actor. On any failure
-    whatever was started is shut down and the placement groups removed before the error propagates."""
+    run, then start every actor at once: the scorers and the advantage actor in the background, the rollout
+    engines and the learner ranks each in a thread that waits for its group (vLLM's start and the learner's load
+    overlap). On any failure whatever was started is shut down and the placement groups removed before the
+    error propagates."""
     parts: list[Any] = []
     layout = None
     try:
@@ -217,7 +220,8 @@ def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
         check_shared(model_dir, model_key, layout.nodes(), write=False)
         check_shared(cfg.trainer.output_dir, "trainer.output_dir", layout.nodes(engines=False), write=True)
         r = cfg.rollout
-        rollout = RolloutGroup(
+        start_rollout = partial(
+            RolloutGroup,
             model_dir,
             r.num_workers,
             engine=r.engine,
@@ -229,7 +233,7 @@ def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
             process_setup=placement_setup(cpus=cfg.cluster.rollout_cpus, nice=None),
             placement=layout.engine,
         )
-        parts.append(rollout)
+        # the scorers and the advantage actor start in the background (their constructors do not wait)
         reward = RewardService(
             cfg.reward.num_workers,
             cfg.reward.fn,
@@ -239,8 +243,6 @@ def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
             placement=layout.scorer,
         )
         parts.append(reward)
-        learner = build_learner(cfg, sizes, model_dir, layout)
-        parts.append(learner)
         advantage = AdvantageService(
             cfg.algorithm.advantage_estimator,
             AdvantageStageConfig(norm_by_std=True, rollout_is_cap=cfg.algorithm.rollout_is_cap),
@@ -249,6 +251,8 @@ def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
             placement=layout.advantage,
         )
         parts.append(advantage)
+        rollout, learner = start_together(start_rollout, partial(build_learner, cfg, sizes, model_dir, layout))
+        parts += [rollout, learner]
         layout_info = record(cfg.cluster.layout, rollout, learner, reward, advantage, cfg.cluster.placement_timeout_s)
     except BaseException:
         for part in parts:
@@ -257,6 +261,22 @@ def start_groups(cfg: TrainConf, sizes: DerivedSizes, model_dir: str) -> Groups:
             layout.remove()
         raise
     return Groups(layout, rollout, reward, learner, advantage, layout_info)
+
+
+def start_together(*starts: Callable[[], Any]) -> list[Any]:
+    """Call the zero-argument `starts` at once, one thread each (each blocks in `ray.get` while its actors
+    start), and return their results in order. When any raises, the ones that started are shut down and the
+    first error (in the order of `starts`) propagates."""
+    with ThreadPoolExecutor(max_workers=len(starts), thread_name_prefix="start") as pool:
+        futures = [pool.submit(start) for start in starts]
+        wait(futures)
+    errors = [future.exception() for future in futures if future.exception() is not None]
+    if errors:
+        for future in futures:
+            if future.exception() is None:
+                future.result().shutdown()
+        raise errors[0]
+    return [future.result() for future in futures]
 
 
 def build_run(cfg: TrainConf) -> Run:

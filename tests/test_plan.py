@@ -23,11 +23,17 @@ def config(*overrides: str):
         return to_object(compose("config", overrides=list(overrides)))
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """bench.plan's model folder, shared by both layouts (the model is built once)."""
+    return tmp_path_factory.mktemp("plan_models")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout", [["--packing", "on", "--logprob-chunk", "0"], ["--packing", "off", "--logprob-chunk", "1024"]]
 )
-def test_planner_predicts_the_learners_cpu_memory_within_5_percent(tmp_path, layout):
+def test_planner_predicts_the_learners_cpu_memory_within_5_percent(model_cache, layout):
     """bench.plan on the 'tiny' shape (hidden 256, 4 layers, Qwen's 151,936-token vocabulary): the planner's
     update growth (fake tensors) against the peak of the tensor bytes the real update allocates (the CPU
     allocator's events, learner.memory.AllocatedPeak: the counterpart of CUDA's max_memory_allocated), one rank.
@@ -36,8 +42,8 @@ def test_planner_predicts_the_learners_cpu_memory_within_5_percent(tmp_path, lay
     the plan adds as allocator headroom would make its verdicts wrong, and that is what this test is for.
     A small model is enough because the comparison is of tensor bytes, not of the process's resident set."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.plan", "--shape", "tiny", "--tokens", "2048", *layout,
-         "--model-cache", str(tmp_path)],
+        [sys.executable, "-m", "bench.plan", "--shape", "tiny", "--tokens", "2048", *layout, "--no-resident-set",
+         "--model-cache", str(model_cache)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
