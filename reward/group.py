@@ -12,7 +12,9 @@ the reward function's wrapper; the function's own errors are status "error") rai
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +30,16 @@ class RewardWorkerError(RuntimeError):
 
 
 class _RayScorer(IsolatedScorer):
-    """IsolatedScorer plus its actor's process (for fault drills) and location (for the run's layout)."""
+    """IsolatedScorer plus its actor's process (for fault drills) and location (for the run's layout).
+
+    A Ray worker's SIGTERM handler raises SystemExit; when a run ends, a second SIGTERM could land while the exit
+    runs the scorer's finalizer (which stops its child) and print a traceback on the run's console. So once the
+    process exits, SIGTERM is ignored: the handler below runs before the finalizers (atexit calls the last one
+    registered first), and SIGKILL still ends a process whose exit hangs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # registers the finalizers' atexit hook, if nothing had
+        atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
 
     def process(self) -> tuple[int, str]:
         """(pid, Ray node id) of this actor's process."""

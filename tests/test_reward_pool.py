@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -230,3 +232,39 @@ def test_child_killed_while_idle_is_replaced_transparently():
             time.sleep(0.01)
         assert_alive(scorer)
         assert scorer.child_pid != pid
+
+
+# A Ray worker's SIGTERM handler raises SystemExit. Here a plain process installs the same handler, makes the Ray
+# shell's scorer, and exits; the scorer's exit finalizer (which stops its child) receives a SIGTERM of its own as it
+# starts, as the second SIGTERM at a run's end can (it printed "Exception ignored in: <finalize object ...>" and a
+# traceback on a run's console, tests/test_multinode.py).
+SIGTERM_AT_EXIT = """
+import os, signal, sys, weakref
+from reward import pool
+from reward.group import _RayScorer
+
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))  # as ray/_private/worker.py's sigterm_handler
+scorer = _RayScorer("reward.math:score_math")
+proc, conn = scorer._proc, scorer._conn
+print(proc.pid, flush=True)
+
+
+def stop_with_a_sigterm(proc, conn):
+    os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the finalizer, before it stops the child
+    pool._stop_child(proc, conn)
+
+
+scorer._finalizer.detach()
+scorer._finalizer = weakref.finalize(scorer, stop_with_a_sigterm, proc, conn)
+sys.exit(0)
+"""
+
+
+def test_a_sigterm_while_the_ray_scorer_exits_neither_prints_a_traceback_nor_leaves_its_child():
+    out = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_EXIT], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    child = int(out.stdout.split()[0])
+    assert not Path(f"/proc/{child}").exists(), "the finalizer ran to its end: the child was stopped and reaped"
