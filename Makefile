@@ -1,6 +1,6 @@
 # One-command setup and checks. Every target installs what it needs first.
 #   make setup   create .venv/ with the CPU stack (torch CPU, vLLM CPU build, Ray, ...); idempotent
-#   make test    the whole test suite (what CI runs; ~36 min on 2 cores; the 25 slowest tests listed last)
+#   make test    the whole test suite (what CI runs; ~34 min on 2 cores; the 25 slowest tests listed last)
 #   make test-fast  the inner loop: every package, without the `slow` tests (~570 tests, < 5 min on 2 cores)
 #   make lint    ruff, and the import contracts of pyproject.toml [tool.importlinter] (lint-imports)
 #   make bench   every benchmark under bench/, each printing one JSON line last
