@@ -97,7 +97,9 @@ def table(setting: str, rows: list[tuple[int, int, dict]]) -> tuple[str, dict]:
     lines, finals = [], []
     for seed, threads, record in rows:
         final = record["measurements"][-1]
-        middle = next((m for m in record["measurements"] if m["step"] == s.every), None)
+        ends = record.get("round_ends", [])  # with stepwise rounds: the "at step" column is the last round's end
+        at = ends[-2] if len(ends) > 2 else s.every
+        middle = next((m for m in record["measurements"] if m["step"] == at), None)
         ok, why = passes(setting, final)
         habit_cells = [
             f"{100 * final.get(h + '_frac', 0):.0f}% / {100 * final[h + '_accuracy']:.0f}%"
@@ -107,7 +109,8 @@ def table(setting: str, rows: list[tuple[int, int, dict]]) -> tuple[str, dict]:
         ]
         cells = [str(seed), str(threads), f"{final['loss']:.3f}", pct(final["chain_exact"]),
                  pct(final["operation_lines"]), pct(final["result_accuracy"]), pct(final["accuracy"]), *habit_cells,
-                 pct(middle and middle["chain_exact"]), f"{record['seconds']:.0f} s",
+                 pct(middle and middle["chain_exact"]) + (f" ({len(ends) - 1} rounds)" if len(ends) > 2 else ""),
+                 f"{record.get('sft_seconds', record['seconds']):.0f} s",
                  "yes" if ok else f"**no**: {why}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
         finals.append((final, ok))

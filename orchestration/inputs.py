@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,7 @@ def prepare_model(cfg: TrainConf) -> str:
 
         path = build_tiny_model_in(m.tiny_dir, **tiny_model_args(cfg))
     if m.warm_start_steps > 0:
-        for examples, recipe in warm_start_stages(cfg):  # each stage starts from the last one's (cached) result
-            path = warm_start(path, examples, recipe, m.warm_start_dir)
+        path = run_warm_start(cfg, path)
         if m.warm_start_min_chain_accuracy > 0 and not m.path and not cfg.data.train_files:
             held_out = synthetic_rows(cfg)[1]
             if held_out:
@@ -98,11 +98,67 @@ def check_warm_start(model_dir: str | Path, held_out: list[dict], bar: float, re
     return report
 
 
+StepHook = Callable[[int, float, Any, bool], None]  # (SFT steps done in all, loss, model, last step of its round)
+
+
+def run_warm_start(cfg: TrainConf, base: str | Path, on_step: StepHook | None = None,
+                   on_cached: Callable[[int, Path], None] | None = None) -> Path:  # fmt: skip
+    """The warm-started model's directory: the stages of `warm_start_stages` from `base`, each from the last
+    one's (cached) result; the first, stepwise stage in up to model.warm_start_stepwise_rounds rounds, until a
+    round's development chains reach model.warm_start_stepwise_target (`stepwise_chains_right`).
+    on_step(steps_done, loss, model, round_end) after every SFT step trained here (steps count on across
+    stages and rounds; it must leave the model and torch's RNG as they were), on_cached(steps_done, directory)
+    for a stage or round found cached (tools.warm_start_check measures with them)."""
+    m, path, done = cfg.model, Path(base), 0
+    stages = warm_start_stages(cfg)
+    for index, (examples, recipe) in enumerate(stages):
+        rounds = m.warm_start_stepwise_rounds if index == 0 and len(stages) > 1 else 1
+        for round_ in range(rounds):
+            trained = False
+
+            def hook(step: int, loss: float, model, done=done, last=recipe.steps) -> None:
+                nonlocal trained
+                trained = True
+                if on_step is not None:
+                    on_step(done + step, loss, model, step == last)
+
+            path = warm_start(path, examples, recipe, m.warm_start_dir, hook)
+            done += recipe.steps
+            if not trained and on_cached is not None:
+                on_cached(done, path)
+            if round_ + 1 < rounds:
+                chains = stepwise_chains_right(cfg, path)
+                target = m.warm_start_stepwise_target
+                print(f"warm-start: stepwise round {round_ + 1} of at most {rounds}: development chains right in "
+                      f"full {100 * chains:.1f}% (target {100 * target:.0f}%)", flush=True)  # fmt: skip
+                if chains >= target:
+                    break
+    return path
+
+
+def stepwise_chains_right(cfg: TrainConf, model_dir: Path) -> float:
+    """The share of 200 development problems (the built-in task drawn with data seed + 1: other problems than
+    the training and held-out ones, up to chance repeats) whose stepwise chain the model writes right in full,
+    teacher-forced and greedy (warm_start_eval.teacher_forced_report): what ends the stepwise rounds, so that
+    the held-out measurement stays untouched by it."""
+    import torch  # heavy: torch and transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestration.data.warm_start_eval import teacher_forced_report
+
+    d = cfg.data
+    seed = (cfg.seed if d.synthetic_seed is None else d.synthetic_seed) + 1
+    dev = make_rows(0, 200, seed=seed, min_steps=d.synthetic_min_steps, max_steps=d.synthetic_max_steps,
+                    max_value=d.synthetic_max_value, task="chain")[1]  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return teacher_forced_report(model, AutoTokenizer.from_pretrained(model_dir), dev)["chain_exact"]
+
+
 def warm_start_stages(cfg: TrainConf) -> list[tuple[list[tuple[list[dict], str]], WarmStartConfig]]:
     """The warm-start's stages, in order, each (prompt messages, target) pairs and a recipe (model.warm_start_*):
     with model.warm_start_stepwise_steps > 0 first that many steps on the training problems' stepwise chains
-    (the built-in task only; no shortcuts), then model.warm_start_steps on the training rows' solutions,
-    shortcuts included. Each stage has its own lr warm-up and decay."""
+    (the built-in task only; no shortcuts; peak lr model.warm_start_stepwise_lr), then model.warm_start_steps on
+    the training rows' solutions, shortcuts included. Each stage has its own lr warm-up and decay."""
     m, seed = cfg.model, init_seed(cfg)
     examples = with_shortcuts(warm_start_examples(cfg), m.warm_start_shortcut_frac, seed)
     recipe = WarmStartConfig(
@@ -121,7 +177,8 @@ def warm_start_stages(cfg: TrainConf) -> list[tuple[list[tuple[list[dict], str]]
             "set it to 0"
         )
     stepwise = [(r["prompt"], r["extra_info"]["solution"]) for r in synthetic_rows(cfg, task="chain")[0]]
-    return [(stepwise, dataclasses.replace(recipe, steps=m.warm_start_stepwise_steps)), (examples, recipe)]
+    lr = m.warm_start_lr if m.warm_start_stepwise_lr is None else m.warm_start_stepwise_lr
+    return [(stepwise, dataclasses.replace(recipe, steps=m.warm_start_stepwise_steps, lr=lr)), (examples, recipe)]
 
 
 def synthetic_rows(cfg: TrainConf, task: str | None = None) -> tuple[list[dict], list[dict]]:

@@ -188,9 +188,11 @@ def test_the_stepwise_stage_trains_first_on_the_same_problems_then_the_mixed_hab
                     "model.tiny_hidden_size=32", "model.tiny_layers=1", "model.tiny_heads=1", "model.tiny_kv_heads=1",
                     "model.tiny_intermediate_size=64", "model.warm_start_stepwise_steps=3", "model.warm_start_steps=2",
                     "model.warm_start_warmup_steps=1", "model.warm_start_min_chain_accuracy=0",
+                    "model.warm_start_stepwise_lr=4e-3", "model.warm_start_lr=1e-3",
                     "data.synthetic_train_prompts=40", "data.synthetic_val_prompts=4"])  # fmt: skip
     (stepwise, first), (mixed, second) = warm_start_stages(cfg)
     assert (first.steps, second.steps) == (3, 2)
+    assert (first.lr, second.lr) == (4e-3, 1e-3)  # each stage its own peak lr
     assert [m for m, _ in stepwise] == [m for m, _ in mixed]  # the same problems, in the same order
     for messages, target in stepwise:  # every operation on its own line, each line right, then the answer
         values = _left_to_right(messages[-1]["content"])
@@ -203,6 +205,53 @@ def test_the_stepwise_stage_trains_first_on_the_same_problems_then_the_mixed_hab
     stage_one = Path(json.loads((final / "warm_start_args.json").read_text())["base_model"])
     assert stage_one.parent == tmp_path / "warm" and stage_one != final  # the second stage starts from the first
     assert json.loads((stage_one / "warm_start_args.json").read_text())["config"]["steps"] == 3
+
+
+@pytest.mark.parametrize("target,rounds", [(0.0, 1), (1.0, 3)])
+def test_the_stepwise_rounds_stop_at_the_target_or_the_most_rounds(tmp_path, target, rounds):
+    """model.warm_start_stepwise_rounds=3: a target every round meets (0) stops after the first round; one no
+    3-step model meets (every chain right) trains all three, each from the last round's model."""
+    from orchestration.inputs import prepare_model
+
+    cfg = _compose(["experiment=study_length", f"trainer.output_dir={tmp_path / 'run'}",
+                    f"model.tiny_dir={tmp_path / 'tiny'}", f"model.warm_start_dir={tmp_path / 'warm'}",
+                    "model.tiny_hidden_size=32", "model.tiny_layers=1", "model.tiny_heads=1", "model.tiny_kv_heads=1",
+                    "model.tiny_intermediate_size=64", "model.warm_start_stepwise_steps=3", "model.warm_start_steps=2",
+                    "model.warm_start_stepwise_rounds=3", f"model.warm_start_stepwise_target={target}",
+                    "model.warm_start_warmup_steps=1", "model.warm_start_min_chain_accuracy=0",
+                    "data.synthetic_train_prompts=40", "data.synthetic_val_prompts=4"])  # fmt: skip
+    from orchestration.data.warm_start import sft_seconds
+
+    chain, seconds, final = [], 0.0, Path(prepare_model(cfg))
+    path = final
+    while path.parent == tmp_path / "warm":  # walk back from the final model to the tiny model it started from
+        args = json.loads((path / "warm_start_args.json").read_text())
+        chain.append(args["config"]["steps"])
+        seconds += args["seconds"]
+        path = Path(args["base_model"])
+    assert chain == [2] + [3] * rounds  # the mixed stage, after `rounds` stepwise rounds
+    assert path.parent == tmp_path / "tiny" and sft_seconds(final) == pytest.approx(seconds)  # every stage's SFT
+
+
+def test_the_tool_measures_every_n_steps_and_each_round_once_trained_or_found_cached(tmp_path):
+    """tools.warm_start_check over 2 stepwise rounds of 3 steps and a mixed stage of 2, measuring every 2 steps
+    (steps count on across rounds and stages): trained, at 2, 3 (round end), 4, 6, 8; then, all cached, once at
+    the end of each round and stage."""
+    from tools.warm_start_check import main
+
+    overrides = ["experiment=study_length", f"model.tiny_dir={tmp_path / 'tiny'}",
+                 f"model.warm_start_dir={tmp_path / 'warm'}", "model.tiny_hidden_size=32", "model.tiny_layers=1",
+                 "model.tiny_heads=1", "model.tiny_kv_heads=1", "model.tiny_intermediate_size=64",
+                 "model.warm_start_stepwise_steps=3", "model.warm_start_steps=2", "model.warm_start_stepwise_rounds=2",
+                 "model.warm_start_stepwise_target=1.0", "model.warm_start_warmup_steps=1",
+                 "data.synthetic_train_prompts=40", "data.synthetic_val_prompts=4",
+                 "--every", "2", "--problems", "2", "--samples", "1"]  # fmt: skip
+    trained = main(overrides)
+    assert [m["step"] for m in trained["measurements"]] == [2, 3, 4, 6, 8]
+    assert trained["round_ends"] == [3, 6, 8] and len(trained["losses"]) == 8
+    cached = main(overrides)
+    assert [m["step"] for m in cached["measurements"]] == cached["round_ends"] == [3, 6, 8]
+    assert cached["model_dir"] == trained["model_dir"] and cached["sft_seconds"] == trained["sft_seconds"] > 0
 
 
 def test_the_stepwise_stage_on_a_dataset_is_a_config_error(tmp_path):

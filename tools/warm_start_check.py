@@ -1,7 +1,7 @@
 """Follow one warm-start step by step: `python -m tools.warm_start_check [hydra overrides] [--every N]`.
 
 Builds the tiny model and warm-starts it exactly as a run with the same overrides would
-(`orchestration.inputs.warm_start_stages`, `orchestration.data.warm_start.warm_start`: the result lands in the
+(`orchestration.inputs.run_warm_start`, `orchestration.data.warm_start.warm_start`: the result lands in the
 same cache, so a run with these overrides then starts from it), and every `--every` SFT steps measures it on the
 held-out problems (`orchestration.data.warm_start_eval`, which leaves the training untouched): next-token
 accuracy on the worked chains by role (copy / operation / result / answer; "operation" is whether the model
@@ -43,9 +43,9 @@ def main(argv: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orchestration.config.components import init_seed, tiny_model_args
-    from orchestration.data.warm_start import ARGS_FILE, warm_start
+    from orchestration.data.warm_start import ARGS_FILE, sft_seconds
     from orchestration.data.warm_start_eval import sampled_report, teacher_forced_report
-    from orchestration.inputs import synthetic_rows, warm_start_stages
+    from orchestration.inputs import run_warm_start, synthetic_rows, warm_start_stages
     from rollout.tiny import build_tiny_model_in
 
     cfg = compose_config(overrides)
@@ -57,7 +57,8 @@ def main(argv: list[str]) -> dict:
     held_out = synthetic_rows(cfg)[1][: args.problems]
     tokenizer = AutoTokenizer.from_pretrained(base)
     recipes = [asdict(recipe) for _, recipe in stages]
-    record: dict = {"overrides": overrides, "init_seed": init_seed(cfg), "recipes": recipes, "measurements": []}
+    record: dict = {"overrides": overrides, "init_seed": init_seed(cfg), "recipes": recipes, "measurements": [],
+                    "round_ends": []}  # fmt: skip  # the SFT step at the end of every stage and stepwise round
     losses: list[float] = []
     start = time.monotonic()
 
@@ -77,22 +78,22 @@ def main(argv: list[str]) -> dict:
         record["measurements"].append(row)
         print(_line(row), flush=True)
 
-    path, done = base, 0  # done: SFT steps of the stages before this one (steps count on across stages)
-    for examples, recipe in stages:
+    def on_step(step: int, loss: float, model, round_end: bool) -> None:
+        losses.append(loss)
+        if step % args.every == 0 or round_end:
+            measure(step, loss, model)
+            model.train()
+        if round_end:
+            record["round_ends"].append(step)
 
-        def on_step(step: int, loss: float, model, done=done, last=recipe.steps) -> None:
-            losses.append(loss)
-            if (done + step) % args.every == 0 or step == last:
-                measure(done + step, loss, model)
-                model.train()
+    def on_cached(step: int, path: Path) -> None:  # a stage or round found cached: measured once, at its end
+        final_loss = json.loads((path / ARGS_FILE).read_text())["final_loss"]
+        measure(step, final_loss, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        record["round_ends"].append(step)
 
-        measured = len(record["measurements"])
-        path = warm_start(path, examples, recipe, m.warm_start_dir, on_step)
-        done += recipe.steps
-        if len(record["measurements"]) == measured:  # found cached
-            final_loss = json.loads((path / ARGS_FILE).read_text())["final_loss"]
-            measure(done, final_loss, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+    path = run_warm_start(cfg, base, on_step, on_cached)  # steps count on across stages and rounds
     record |= {"model_dir": str(path), "losses": losses, "seconds": time.monotonic() - start}
+    record["sft_seconds"] = sft_seconds(path)  # the training of every stage and round, cached ones included
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(record, indent=1))

@@ -163,6 +163,19 @@ class ModelConf:
     operation per line, no shortcut targets) before the warm_start_steps on the rows' own solutions; 0 = none.
     For free_chain, whose mixed-habit targets give few lines to learn the k-th-operation lookup from
     (docs/warm_start.md). A stage of its own: its own lr warm-up and decay, its own cache entry."""
+    warm_start_stepwise_rounds: int = 1
+    """Warm-start curriculum: at most this many rounds of the stepwise stage, each warm_start_stepwise_steps from
+    the last round's model with its own warm-up and decay (and cache entry); a round stops them when its greedy
+    stepwise chains come out right in full for warm_start_stepwise_target of 200 development problems (drawn with
+    another seed than the training and held-out ones). The lookup forms late on some init seeds and thread counts
+    (docs/warm_start.md): they train another round, the others stop after the first."""
+    warm_start_stepwise_target: float = 0.0
+    """Warm-start curriculum: the share of development chains right in full (teacher-forced, greedy) that ends
+    the stepwise rounds; 0 = every round is trained."""
+    warm_start_stepwise_lr: float | None = None
+    """Warm-start curriculum: the stepwise stage's peak learning rate; null = warm_start_lr. With it set, the
+    second stage's warm_start_lr can be lower, so that fine-tuning on the mixed habits does not undo the
+    lookup the first stage learned (docs/warm_start.md)."""
     warm_start_lr: float = 3e-3
     """Warm-start: peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     warm_start_batch_prompts: int = 32
@@ -200,7 +213,11 @@ class ModelConf:
         )
         _non_negative(self.warm_start_steps, "model.warm_start_steps")
         _non_negative(self.warm_start_stepwise_steps, "model.warm_start_stepwise_steps")
+        _positive(self.warm_start_stepwise_rounds, "model.warm_start_stepwise_rounds")
+        _check(0.0 <= self.warm_start_stepwise_target <= 1.0, "model.warm_start_stepwise_target", "must be in [0, 1]")
         _positive(self.warm_start_lr, "model.warm_start_lr")
+        _check(self.warm_start_stepwise_lr is None or self.warm_start_stepwise_lr > 0, "model.warm_start_stepwise_lr",
+               "must be > 0 or null")  # fmt: skip
         _positive(self.warm_start_batch_prompts, "model.warm_start_batch_prompts")
         _non_negative(self.warm_start_warmup_steps, "model.warm_start_warmup_steps")
         _positive(self.warm_start_threads, "model.warm_start_threads")

@@ -213,6 +213,16 @@ def _train_sft(
     return losses
 
 
+def sft_seconds(model_dir: str | Path) -> float:
+    """The seconds of SFT recorded in a cached warm-start and in the warm-starts it started from (its stages and
+    rounds), however many of them were found cached by the run that asked for it."""
+    total, path = 0.0, Path(model_dir)
+    while (path / ARGS_FILE).is_file():
+        record = json.loads((path / ARGS_FILE).read_text())
+        total, path = total + record.get("seconds", 0.0), Path(record["base_model"])
+    return total
+
+
 def warm_start(
     base_model: str | Path,
     examples: Sequence[tuple[Sequence[dict], str]],
