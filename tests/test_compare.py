@@ -154,7 +154,7 @@ def test_pairing_by_two_keys_and_habit_tables(tmp_path):
                 config = {"seed": seed, "model": {"init_seed": init_seed}, "algorithm": {"name": algorithm}}
                 (path / "run_info.json").write_text(json.dumps({"config": config}))
     report = main([str(tmp_path / "sweep"), "--baseline", "dapo", "--pair-by", "model.init_seed", "seed",
-                   "--smooth", "1", "--last-steps", "2"])  # fmt: skip
+                   "--smooth", "1", "--last-steps", "2", "--first-steps", "4"])  # fmt: skip
     fipo, dapo = report["groups"]["algorithm=fipo"], report["groups"]["algorithm=dapo"]
     diff = report["paired_differences"]["algorithm=fipo − algorithm=dapo"]
     # 4 pairs (not 2: seed alone would pair runs of different warm-starts, and the dict would keep one of each)
@@ -168,6 +168,9 @@ def test_pairing_by_two_keys_and_habit_tables(tmp_path):
     # the training share over the last 2 steps (s = 8, 9): fipo 0.95; before RL: 0.3 and 0.4 by warm-start
     assert math.isclose(fipo["rollout/habit/stepwise_frac"]["mean"], 0.95)
     assert math.isclose(fipo["eval/initial_avg_at_k"]["mean"], 0.35)
+    # how soon: the share over the first 4 steps (s = 0..3) is slope·2.5: fipo 0.25, dapo 0.125 and 0.15 by warm-start
+    assert math.isclose(fipo["first_steps/rollout/habit/stepwise_frac"]["mean"], 0.25)
+    assert math.isclose(diff["first_steps/rollout/habit/stepwise_frac"]["mean"], 0.25 - (0.125 + 0.15) / 2)
     table = (tmp_path / "sweep" / "compare.md").read_text()
-    assert "Before RL" in table and "step stepwise dominates" in table
+    assert "Before RL" in table and "step stepwise dominates" in table and "stepwise share, first steps" in table
     assert "| paired: algorithm=fipo − algorithm=dapo | 4 |" in table

@@ -21,7 +21,9 @@ writes into `--output-dir`:
 Final values: the held-out metrics of each run's last evaluation (eval/avg_at_k, cons_at_k, pass_at_k,
 response_length_mean), and the training batch's response length, entropy and reward accuracy averaged over
 the run's last `--last-steps` steps (default 5: one step is noisy), and the run's wall time (the sum of its
-steps' `timing_s/step`, evaluations included). Confidence intervals use Student's t with
+steps' `timing_s/step`, evaluations included). On the built-in tasks, the habits: held-out shares and
+accuracies, when the long habit comes to dominate the training batches, and how soon (its share and the response
+length over the first `--first-steps` steps, default 10). Confidence intervals use Student's t with
 n − 1 degrees of freedom (n runs, or n paired seeds); n = 1 gives no interval.
 """
 
@@ -60,22 +62,29 @@ BEFORE_RL = {
     "eval/initial_avg_at_k": "held-out avg@k before RL",
     "eval/initial_response_length_mean": "length before RL",
 }
-# The built-in tasks' habits (orchestration/data/tasks.py; free_chain: at_once | partial | stepwise): held-out values of
-# the last evaluation, the training batches' long-habit share over the last steps, and the first step from which
-# the training batches' long-habit share (trailing mean over --smooth steps) stays >= 1/2 (None: never).
+# The built-in tasks' habits (orchestration/data/tasks.py; free_chain: direct | at_once | partial | stepwise; a policy
+# that moves to the long habit moves away from the others, the answer alone included): held-out values of the last
+# evaluation, the training batches' long-habit share over the last steps, and the first step from which the training
+# batches' long-habit share (trailing mean over --smooth steps) stays >= 1/2 (None: never).
 LONG = TASK_HABITS[-1]  # stepwise: the built-in tasks' habits run shortest first
-WRITTEN_OUT = TASK_HABITS[1:]  # at_once, partial, stepwise (direct, which writes no work out, is not shown)
 HABITS = (
     {f"eval/initial_habit/{LONG}_frac": f"{LONG} share before RL"}
-    | {f"eval/habit/{habit}_frac": f"{habit.replace('_', '-')} share" for habit in WRITTEN_OUT}
-    | {f"eval/habit/{habit}_accuracy": f"{habit.replace('_', '-')} accuracy" for habit in WRITTEN_OUT}
+    | {f"eval/habit/{habit}_frac": f"{habit.replace('_', '-')} share" for habit in TASK_HABITS}
+    | {f"eval/habit/{habit}_accuracy": f"{habit.replace('_', '-')} accuracy" for habit in TASK_HABITS}
     | {f"rollout/habit/{LONG}_frac": f"train {LONG} share", "long_habit_step": f"step {LONG} dominates"}
 )
 LONG_HABIT = f"rollout/habit/{LONG}_frac"
+# How soon: the training batches' long-habit share and response length, mean over the run's first --first-steps steps.
+FIRST = "first_steps/"
+HABITS |= {
+    f"{FIRST}{LONG_HABIT}": f"train {LONG} share, first steps",
+    f"{FIRST}rollout/response_length_mean": "train response length, first steps",
+}
 _HABITS_TITLE = (
     "Habits (orchestration/data/tasks.py): held-out shares and accuracies at the last evaluation; the training batches'"
     " stepwise share over the last steps; the first step from which it stays >= 50% (smoothed; runs that never"
-    " get there are left out, n says how many did):"
+    " get there are left out, n says how many did); the training batches' stepwise share and response length over"
+    " the first steps (--first-steps):"
 )
 # FIPO's mechanism: the last mini-batch of every step (the first has θ = θ_old: weights ≡ 1), mean over all steps.
 MECHANISM = {
@@ -178,10 +187,16 @@ def dominance_step(rows: Sequence[Mapping[str, Any]], key: str = LONG_HABIT, win
 
 
 def load_run(
-    run_dir: Path, group_by: Sequence[str], pair_by: Sequence[str], last_steps: int, smooth: int = 5
+    run_dir: Path,
+    group_by: Sequence[str],
+    pair_by: Sequence[str],
+    last_steps: int,
+    smooth: int = 5,
+    first_steps: int = 10,
 ) -> dict[str, Any]:
     """One run: its group label, pairing value (a tuple of the `pair_by` keys' values; None without keys), and
-    final values (see the module docstring; `smooth`: the window of long_habit_step's trailing mean)."""
+    final values (see the module docstring; `smooth`: the window of long_habit_step's trailing mean;
+    `first_steps`: the steps the first_steps/ means cover)."""
     info_path = run_dir / RUN_INFO_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {RUN_INFO_FILE} (written by orchestration.train since it exists)")
@@ -207,6 +222,9 @@ def load_run(
         if key.startswith("eval/"):
             final[key] = (first if key.startswith("eval/initial_") else last_eval).get(key)
     final["long_habit_step"] = dominance_step(rows, window=smooth)
+    for key in (k for k in HABITS if k.startswith(FIRST)):
+        values = [row[key[len(FIRST) :]] for row in rows[:first_steps] if row.get(key[len(FIRST) :]) is not None]
+        final[key] = statistics.fmean(values) if values else None
     return {"run": str(run_dir), "group": group, "pair": pair, "steps": len(rows), "final": final, "rows": rows}
 
 
@@ -387,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--baseline", help="the group the paired differences are taken against (a value of --group-by)")
     p.add_argument("--last-steps", type=int, default=5, help="training metrics: mean over this many last steps")
+    p.add_argument("--first-steps", type=int, default=10, help="how soon: training metrics over the first steps")
     p.add_argument("--smooth", type=int, default=5, help="compare.png: trailing mean over this many steps (per run)")
     p.add_argument(
         "--output-dir", help="where compare.md/json/png go (default: the one path given, else outputs/compare)"
@@ -394,8 +413,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.last_steps < 1:
         p.error(f"--last-steps must be >= 1, got {args.last_steps}")
+    if args.first_steps < 1:
+        p.error(f"--first-steps must be >= 1, got {args.first_steps}")
     smooth = max(1, args.smooth)
-    runs = [load_run(run, args.group_by, args.pair_by, args.last_steps, smooth) for run in find_runs(args.paths)]
+    runs = [
+        load_run(run, args.group_by, args.pair_by, args.last_steps, smooth, args.first_steps)
+        for run in find_runs(args.paths)
+    ]
     table, paired = compare(runs, args.baseline)
     out = Path(args.output_dir or (args.paths[0] if len(args.paths) == 1 else "outputs/compare"))
     out.mkdir(parents=True, exist_ok=True)
