@@ -24,6 +24,12 @@ from rollout.types import Sample, samples_to_batch
 STATUS_CODES = {"ok": REWARD_OK, "timeout": REWARD_TIMEOUT, "error": REWARD_ERROR}
 
 
+class SamplingError(RuntimeError):
+    """Dynamic sampling could not fill a step's batch within algorithm.max_gen_rounds generation rounds: too few
+    groups had mixed rewards (the task is too easy or too hard for the model by now). A condition of the run, not
+    a bug: its message names the step, what was kept and dropped, and the keys that change it."""
+
+
 @dataclass
 class ScoredGroup:
     """One prompt's samples with their verdicts."""

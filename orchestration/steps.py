@@ -21,7 +21,7 @@ from orchestration.data.tasks import habit_stats
 from orchestration.evaluation import eval_metrics, evaluate_rows, generate_rows, habit_records, score_rows
 from orchestration.metrics import MetricsLogger
 from orchestration.run import Run
-from orchestration.sampling import GroupPool, group_samples
+from orchestration.sampling import GroupPool, SamplingError, group_samples
 
 
 class PhaseError(RuntimeError):
@@ -164,10 +164,11 @@ def collect_batch(run: Run, step: int) -> tuple[RolloutBatch, dict[str, float]]:
                 run.round_sizer.record(len(pool.kept), pool.seen_groups)
             habit_metrics = {f"rollout/habit/{key}": value for key, value in habit_stats(habits).items()}
             return pool.to_batch(run.rollout.pad_token_id, run.shaping), pool.metrics() | seconds | habit_metrics
-    raise RuntimeError(
+    raise SamplingError(
         f"dynamic sampling kept {len(pool.kept)} of the {run.sizes.train_batch_prompts} groups a step needs after "
         f"algorithm.max_gen_rounds={rounds} rounds ({dict(pool.drops)} dropped): the task is too easy or too hard "
-        "for the model; raise algorithm.max_gen_rounds or algorithm.gen_batch_prompts"
+        "for the model; raise algorithm.max_gen_rounds or algorithm.gen_batch_prompts (trainer.resume=auto goes on "
+        "from the last checkpoint)"
     )
 
 

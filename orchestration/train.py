@@ -176,7 +176,9 @@ register_resolver()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # a user's mistake: its message alone, no traceback; in a sweep, the next member still runs
-    with clean_exit(sweep_member=HydraConfig.get().mode == RunMode.MULTIRUN):
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    with clean_exit(sweep_member=multirun, member=hydra_cfg.runtime.output_dir if multirun else ""):
         train(to_object(sweep_member(cfg)))
 
 

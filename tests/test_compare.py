@@ -174,3 +174,30 @@ def test_pairing_by_two_keys_and_habit_tables(tmp_path):
     table = (tmp_path / "sweep" / "compare.md").read_text()
     assert "Before RL" in table and "step stepwise dominates" in table and "stepwise share, first steps" in table
     assert "| paired: algorithm=fipo − algorithm=dapo | 4 |" in table
+
+
+def test_runs_that_stopped_at_different_steps_compare_at_one(tmp_path):
+    # 10-step runs with evaluations after steps 5 and 10 (avg@k 0.2 + seed / 10 at 5, 0.9 at 10); one 3-step run
+    for seed in (0, 1):
+        path = tmp_path / "sweep" / f"seed={seed}"
+        path.mkdir(parents=True)
+        rows = [{"step": s, "rollout/response_length_mean": 10.0 * (s + 1), "timing_s/step": 1.0} for s in range(10)]
+        rows[4] |= {"eval/avg_at_k": 0.2 + seed / 10}
+        rows[9] |= {"eval/avg_at_k": 0.9}
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = {"seed": seed, "algorithm": {"name": "dapo"}}
+        (path / "run_info.json").write_text(json.dumps({"config": config}))
+    write_run(tmp_path / "sweep" / "seed=2", "dapo", 2, 0.5, steps=3)
+    report = main([str(tmp_path / "sweep"), "--steps", "5", "--last-steps", "2", "--pair-by"])
+    (group,) = report["groups"].values()
+    assert group["eval/avg_at_k"]["n"] == 2 and math.isclose(group["eval/avg_at_k"]["mean"], 0.25)
+    # the training length over the last 2 of the first 5 steps (s = 3, 4): 45; the wall time: 5 steps of 1 s
+    assert math.isclose(group["rollout/response_length_mean"]["mean"], 45.0)
+    assert math.isclose(group["train_seconds"]["mean"], 5.0)
+    assert report["left_out"] == [{"run": str(tmp_path / "sweep" / "seed=2"), "steps": 3}]
+    text = (tmp_path / "sweep" / "compare.md").read_text()
+    assert text.startswith("Compared at step 5: each run's first 5 steps (--steps).\n* left out, 3 steps: ")
+    # without --steps, every run's own last evaluation
+    report = main([str(tmp_path / "sweep"), "--pair-by"])
+    assert report["groups"]["algorithm=dapo"]["eval/avg_at_k"]["n"] == 3
+    assert math.isclose(report["groups"]["algorithm=dapo"]["eval/avg_at_k"]["mean"], (0.9 + 0.9 + 0.5) / 3)

@@ -212,3 +212,28 @@ def test_study_preset_runs_eight_optimizer_steps_per_batch_from_one_shared_start
             12,
             160,
         )
+
+
+def test_a_sweep_members_bug_is_printed_at_once_and_a_condition_of_the_run_alone(capsys):
+    """Hydra keeps a failed member's exception until the last member has run (hours, in a study): a bug's
+    traceback is printed when it happens, naming the member; dynamic sampling that cannot fill a batch, the
+    cause of a failed step, is a condition of the run: its message alone."""
+    from orchestration.errors import MemberError, clean_exit
+    from orchestration.sampling import SamplingError
+    from orchestration.steps import PhaseError
+
+    with pytest.raises(ZeroDivisionError), clean_exit(sweep_member=True, member="outputs/sweeps/s/seed=1"):
+        _ = 1 / 0
+    err = capsys.readouterr().err
+    assert err.startswith("error in this sweep member (outputs/sweeps/s/seed=1); the sweep goes on with the next:\n")
+    assert "Traceback (most recent call last)" in err and err.rstrip().endswith("ZeroDivisionError: division by zero")
+    message = "step 40: phase 'rollout' failed after 61.0 s: SamplingError: dynamic sampling kept 3 of the 16 groups"
+    with pytest.raises(MemberError), clean_exit(sweep_member=True, member="outputs/sweeps/s/seed=1"):
+        try:
+            raise SamplingError("dynamic sampling kept 3 of the 16 groups")
+        except SamplingError as cause:
+            raise PhaseError(message, phase="rollout", step=40) from cause
+    assert capsys.readouterr().err == f"error: {message}\n"
+    with pytest.raises(ZeroDivisionError), clean_exit():  # outside a sweep a bug keeps its traceback, printed once
+        _ = 1 / 0
+    assert capsys.readouterr().err == ""

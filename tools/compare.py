@@ -19,12 +19,14 @@ writes into `--output-dir`:
                   training curves smoothed within each run by a trailing --smooth-step mean; evaluations not)
 
 Final values: the held-out metrics of each run's last evaluation (eval/avg_at_k, cons_at_k, pass_at_k,
-response_length_mean), and the training batch's response length, entropy and reward accuracy averaged over
-the run's last `--last-steps` steps (default 5: one step is noisy), and the run's wall time (the sum of its
-steps' `timing_s/step`, evaluations included). On the built-in tasks, the habits: held-out shares and
-accuracies, when the long habit comes to dominate the training batches, and how soon (its share and the response
-length over the first `--first-steps` steps, default 10). Confidence intervals use Student's t with
-n − 1 degrees of freedom (n runs, or n paired seeds); n = 1 gives no interval.
+response_length_mean), and the training batch's response length, entropy and reward accuracy averaged over the run's
+last `--last-steps` steps (default 5: one step is noisy), and the run's wall time (the sum of its steps'
+`timing_s/step`, evaluations included). With `--steps N`, every run is read as if it had ended after step N (its
+last evaluation and last steps within its first N; runs that have fewer steps are left out and listed): runs that
+stopped at different steps compare at one. On the built-in tasks, the habits: held-out shares and accuracies, when
+the long habit comes to dominate the training batches, and how soon (its share and the response length over the
+first `--first-steps` steps, default 10). Confidence intervals use Student's t with n − 1 degrees of freedom (n runs,
+or n paired seeds); n = 1 gives no interval.
 """
 
 from __future__ import annotations
@@ -193,10 +195,12 @@ def load_run(
     last_steps: int,
     smooth: int = 5,
     first_steps: int = 10,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """One run: its group label, pairing value (a tuple of the `pair_by` keys' values; None without keys), and
     final values (see the module docstring; `smooth`: the window of long_habit_step's trailing mean;
-    `first_steps`: the steps the first_steps/ means cover)."""
+    `first_steps`: the steps the first_steps/ means cover; `steps`: read only the run's first `steps` steps, as if
+    it had ended there; "steps" in the result is how many it has, at most `steps`)."""
     info_path = run_dir / RUN_INFO_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {RUN_INFO_FILE} (written by orchestration.train since it exists)")
@@ -206,7 +210,7 @@ def load_run(
         pair = tuple(config_value(config, key) for key in pair_by) if pair_by else None
     except KeyError as err:
         raise KeyError(f"{run_dir}: the run's config has no key {err}") from None
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir)[:steps]
     last_eval = last_eval_row(rows)
     final = {key: last_eval.get(key) for key in FINAL_EVAL}
     tail = rows[-last_steps:]
@@ -406,6 +410,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--baseline", help="the group the paired differences are taken against (a value of --group-by)")
     p.add_argument("--last-steps", type=int, default=5, help="training metrics: mean over this many last steps")
     p.add_argument("--first-steps", type=int, default=10, help="how soon: training metrics over the first steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="compare at this step: each run's first STEPS steps only (the evaluation after step STEPS is its last);"
+        " runs with fewer are left out and listed",
+    )
     p.add_argument("--smooth", type=int, default=5, help="compare.png: trailing mean over this many steps (per run)")
     p.add_argument(
         "--output-dir", help="where compare.md/json/png go (default: the one path given, else outputs/compare)"
@@ -415,19 +425,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.error(f"--last-steps must be >= 1, got {args.last_steps}")
     if args.first_steps < 1:
         p.error(f"--first-steps must be >= 1, got {args.first_steps}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     smooth = max(1, args.smooth)
     runs = [
-        load_run(run, args.group_by, args.pair_by, args.last_steps, smooth, args.first_steps)
+        load_run(run, args.group_by, args.pair_by, args.last_steps, smooth, args.first_steps, args.steps)
         for run in find_runs(args.paths)
     ]
+    short = [run for run in runs if args.steps is not None and run["steps"] < args.steps]
+    runs = [run for run in runs if run not in short]
+    if not runs:
+        raise SystemExit(f"error: no run has {args.steps} steps (--steps)")
     table, paired = compare(runs, args.baseline)
     out = Path(args.output_dir or (args.paths[0] if len(args.paths) == 1 else "outputs/compare"))
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(table, paired, runs)
+    if args.steps is not None:
+        left_out = "".join(f"\n* left out, {run['steps']} steps: {run['run']}" for run in short)
+        text = f"Compared at step {args.steps}: each run's first {args.steps} steps (--steps).{left_out}\n\n" + text
     (out / "compare.md").write_text(text)
     report = {
         "group_by": args.group_by,
         "pair_by": args.pair_by,
+        "steps": args.steps,
+        "left_out": [{"run": run["run"], "steps": run["steps"]} for run in short],
         "groups": table,
         "paired_differences": paired,
         "runs": [{k: v for k, v in run.items() if k != "rows"} for run in runs],
