@@ -147,7 +147,8 @@ def test_pairing_by_two_keys_and_habit_tables(tmp_path):
                 path.mkdir(parents=True)
                 slope = 0.1 if algorithm == "fipo" else 0.05 + 0.01 * init_seed
                 rows = [{"step": s, "rollout/habit/stepwise_frac": slope * (s + 1)} for s in range(10)]
-                rows[0] |= {"eval/initial_avg_at_k": 0.3 + 0.1 * init_seed, "eval/initial_habit/stepwise_frac": 0.25}
+                rows[0] |= {"eval/initial_avg_at_k": 0.3 + 0.1 * init_seed, "eval/initial_habit/stepwise_frac": 0.25,
+                            "eval/initial_habit/direct_accuracy": 0.05 * init_seed}  # fmt: skip
                 final = 0.5 + 0.1 * init_seed + (0.2 if algorithm == "fipo" else 0.0)
                 rows[-1] |= {"eval/avg_at_k": 0.5, "eval/habit/stepwise_frac": final}
                 (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -168,6 +169,7 @@ def test_pairing_by_two_keys_and_habit_tables(tmp_path):
     # the training share over the last 2 steps (s = 8, 9): fipo 0.95; before RL: 0.3 and 0.4 by warm-start
     assert math.isclose(fipo["rollout/habit/stepwise_frac"]["mean"], 0.95)
     assert math.isclose(fipo["eval/initial_avg_at_k"]["mean"], 0.35)
+    assert math.isclose(fipo["eval/initial_habit/direct_accuracy"]["mean"], 0.025)
     # how soon: the share over the first 4 steps (s = 0..3) is slope·2.5: fipo 0.25, dapo 0.125 and 0.15 by warm-start
     assert math.isclose(fipo["first_steps/rollout/habit/stepwise_frac"]["mean"], 0.25)
     assert math.isclose(diff["first_steps/rollout/habit/stepwise_frac"]["mean"], 0.25 - (0.125 + 0.15) / 2)

@@ -65,12 +65,15 @@ BEFORE_RL = {
     "eval/initial_response_length_mean": "length before RL",
 }
 # The built-in tasks' habits (orchestration/data/tasks.py; free_chain: direct | at_once | partial | stepwise; a policy
-# that moves to the long habit moves away from the others, the answer alone included): held-out values of the last
-# evaluation, the training batches' long-habit share over the last steps, and the first step from which the training
-# batches' long-habit share (trailing mean over --smooth steps) stays >= 1/2 (None: never).
+# that moves to the long habit moves away from the others, the answer alone included): held-out values before RL (the
+# answer alone's and the long habit's share and accuracy) and of the last evaluation, the training batches' long-habit
+# share over the last steps, and the first step from which that share (trailing mean over --smooth steps) stays >= 1/2
+# (None: never).
 LONG = TASK_HABITS[-1]  # stepwise: the built-in tasks' habits run shortest first
+SHORT = TASK_HABITS[0]  # direct: the answer alone
 HABITS = (
-    {f"eval/initial_habit/{LONG}_frac": f"{LONG} share before RL"}
+    {f"eval/initial_habit/{h}_frac": f"{h} share before RL" for h in (SHORT, LONG)}
+    | {f"eval/initial_habit/{h}_accuracy": f"{h} accuracy before RL" for h in (SHORT, LONG)}
     | {f"eval/habit/{habit}_frac": f"{habit.replace('_', '-')} share" for habit in TASK_HABITS}
     | {f"eval/habit/{habit}_accuracy": f"{habit.replace('_', '-')} accuracy" for habit in TASK_HABITS}
     | {f"rollout/habit/{LONG}_frac": f"train {LONG} share", "long_habit_step": f"step {LONG} dominates"}
