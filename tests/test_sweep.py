@@ -108,7 +108,7 @@ def test_a_failing_member_does_not_lose_the_others(tmp_path):
     # its message alone (a condition of the run, not a bug), printed before the next member starts
     failure = "SamplingError: dynamic sampling kept 0 of the 4 groups"
     assert "error: step 0: phase 'rollout' failed after" in output and failure in output, output[-4000:]
-    assert output.index(failure) < output.index("#1 : algorithm.filter_groups=false"), output[-4000:]
+    assert output.index(failure) < output.index("#1 : algorithm.filter_groups=False"), output[-4000:]
     failed = tmp_path / "sweep" / "algorithm.filter_groups=True"
     done = tmp_path / "sweep" / "algorithm.filter_groups=False"
     assert (failed / "run_info.json").is_file() and not (failed / "metrics.jsonl").exists()
