@@ -86,10 +86,10 @@ HABITS |= {
     f"{FIRST}rollout/response_length_mean": "train response length, first steps",
 }
 _HABITS_TITLE = (
-    "Habits (orchestration/data/tasks.py): held-out shares and accuracies at the last evaluation; the training batches'"
-    " stepwise share over the last steps; the first step from which it stays >= 50% (smoothed; runs that never"
-    " get there are left out, n says how many did); the training batches' stepwise share and response length over"
-    " the first steps (--first-steps):"
+    "Habits (orchestration/data/tasks.py): held-out shares and accuracies before RL and at the last evaluation;"
+    " the training batches' stepwise share over the last steps; the first step from which it stays >= 50%"
+    " (smoothed; runs that never get there are left out, n says how many did); the training batches' stepwise"
+    " share and response length over the first steps (--first-steps):"
 )
 # FIPO's mechanism: the last mini-batch of every step (the first has θ = θ_old: weights ≡ 1), mean over all steps.
 MECHANISM = {
@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--steps",
         type=int,
-        help="compare at this step: each run's first STEPS steps only (the evaluation after step STEPS is its last);"
+        help="compare at this step: each run's first STEPS steps only (its last evaluation is the last within them);"
         " runs with fewer are left out and listed",
     )
     p.add_argument("--smooth", type=int, default=5, help="compare.png: trailing mean over this many steps (per run)")
