@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for run in find_runs(args.paths)
     ]
     short = [run for run in runs if args.steps is not None and run["steps"] < args.steps]
-    runs = [run for run in runs if run not in short]
+    runs = [run for run in runs if args.steps is None or run["steps"] >= args.steps]
     if not runs:
         raise SystemExit(f"error: no run has {args.steps} steps (--steps)")
     table, paired = compare(runs, args.baseline)
